@@ -1,0 +1,302 @@
+"""The job file: its schema, defaults and validation. Pure; no I/O but reading YAML.
+
+A job file is checked before anything reaches the cluster (by `psctl` and
+again by the scheduler on `submit`): every field is looked up in one
+declarative schema, defaults are filled in, and the first problem raises
+`SpecError` naming the field's path, what was expected and what was found:
+
+    optimizer.lr: expected a number > 0, found -0.1
+
+The normalized dict that comes out is what the scheduler stores and what
+workers and servers receive; documentation of every field is
+in README.md ("The job file").
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+
+from protocol.plan import DEFAULT_PARTITION_BYTES
+
+POLICIES = ("asp", "bsp", "ssp")
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+MODEL_KINDS = ("mlp", "cnn")
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid")
+INITS = ("he", "xavier")
+DATA_SCHEMES = ("sklearn", "idx", "npz", "synthetic")
+# Job names travel as ids and file names: keep them tame.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_WORKERS = 1024
+MAX_STEPS = 10**9
+
+
+class SpecError(ValueError):
+    """A job file field is wrong: `path` names it, the message says why."""
+
+    def __init__(self, path: str, expected: str, found: Any, *, message: str | None = None):
+        shown = _show(found)
+        super().__init__(message or f"{path}: expected {expected}, found {shown}")
+        self.path = path
+        self.expected = expected
+        self.found = shown
+
+
+def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "nothing (the field is required)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_MISSING = object()
+
+
+# --- field checkers: each returns the normalized value or raises SpecError ---
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], int]:
+    def check(path: str, v: Any) -> int:
+        bounds = _bounds_text(lo, hi)
+        if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise SpecError(path, f"an integer{bounds}", v)
+        return v
+    return check
+
+
+def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    def check(path: str, v: Any) -> float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            raise SpecError(path, "a number" + _range_text(lo, hi, lo_open, hi_open), v)
+        return float(v)
+    return check
+
+
+def _bool(path: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise SpecError(path, "true or false", v)
+    return v
+
+
+def _choice(options: tuple[str, ...]):
+    def check(path: str, v: Any) -> str:
+        if not isinstance(v, str) or v not in options:
+            raise SpecError(path, "one of " + ", ".join(options), v)
+        return v
+    return check
+
+
+def _int_list(path: str, v: Any) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+        raise SpecError(path, "a list of positive integers", v)
+    if len(v) > 64:
+        raise SpecError(path, "at most 64 layers", v)
+    return list(v)
+
+
+def _source(path: str, v: Any) -> str:
+    if not isinstance(v, str) or ":" not in v or v.split(":", 1)[0] not in DATA_SCHEMES or not v.split(":", 1)[1]:
+        raise SpecError(path, "a source like sklearn:digits, idx:DIR, npz:PATH or synthetic:n=N,...", v)
+    if v.startswith("sklearn:") and v != "sklearn:digits":
+        raise SpecError(path, "sklearn:digits (the one scikit-learn set we ship)", v)
+    return v
+
+
+def _name(path: str, v: Any) -> str:
+    if not isinstance(v, str) or not NAME_RE.match(v):
+        raise SpecError(path, "a name of letters, digits, '.', '_' or '-' (at most 64, starting alphanumeric)", v)
+    return v
+
+
+def _opt(check):
+    """`check`, but null is allowed (and kept as None)."""
+    def wrapped(path: str, v: Any):
+        return None if v is None else check(path, v)
+    return wrapped
+
+
+def _bounds_text(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f" from {lo} to {hi}"
+    if lo is not None:
+        return f" >= {lo}"
+    if hi is not None:
+        return f" <= {hi}"
+    return ""
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    if lo is not None and hi is not None:
+        return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f" {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f" {'<' if hi_open else '<='} {hi}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a section: its checker and default (_MISSING = required)."""
+
+    check: Callable[[str, Any], Any]
+    default: Any = _MISSING
+
+
+SCHEDULE = {
+    "kind": Field(_choice(SCHEDULES), "constant"),
+    "warmup_steps": Field(_int(0), 0),
+    "step_size": Field(_int(1), 100),
+    "gamma": Field(_num(0, 1, lo_open=True), 0.1),
+    "total_steps": Field(_int(0), 0),
+    "min_lr": Field(_num(0), 0.0),
+}
+
+OPTIMIZER = {
+    "kind": Field(_choice(OPTIMIZERS), "sgd"),
+    "lr": Field(_num(0, lo_open=True), 0.1),
+    "momentum": Field(_num(0, 1, hi_open=True), 0.9),
+    "nesterov": Field(_bool, False),
+    "beta1": Field(_num(0, 1, hi_open=True), 0.9),
+    "beta2": Field(_num(0, 1, hi_open=True), 0.999),
+    "eps": Field(_num(0, lo_open=True), 1e-8),
+    "rho": Field(_num(0, 1, hi_open=True), 0.9),
+    "weight_decay": Field(_num(0), 0.0),
+    "clip_norm": Field(_num(0), 0.0),
+    "staleness_aware": Field(_bool, False),
+    "schedule": SCHEDULE,
+}
+
+MODEL = {
+    "kind": Field(_choice(MODEL_KINDS)),
+    "hidden": Field(_int_list, None),  # None: filled per kind below
+    "activation": Field(_choice(ACTIVATIONS), "relu"),
+    "dropout": Field(_num(0, 1, hi_open=True), 0.0),
+    "batchnorm": Field(_bool, False),
+    "init": Field(_choice(INITS), "he"),
+    "channels": Field(_int_list, [8, 16]),
+    "kernel": Field(_int(1, 15), 3),
+}
+
+DATA = {
+    "source": Field(_source),
+    "batch_size": Field(_int(1, 1 << 20), 32),
+    "test_fraction": Field(_num(0, 1, lo_open=True, hi_open=True), 0.2),
+    "micro_batches": Field(_int(1, 1024), 1),
+}
+
+CONSISTENCY = {
+    "policy": Field(_choice(POLICIES), "asp"),
+    "staleness": Field(_int(0, 1_000_000), 3),
+}
+
+JOB = {
+    "name": Field(_name, "job"),
+    "seed": Field(_int(0, 2**32 - 1), 0),
+    "workers": Field(_int(1, MAX_WORKERS), 1),
+    "steps": Field(_opt(_int(1, MAX_STEPS)), None),
+    "epochs": Field(_opt(_num(0, 1_000_000, lo_open=True)), None),
+    "target_accuracy": Field(_opt(_num(0, 1, lo_open=True)), None),
+    "eval_every": Field(_int(0, MAX_STEPS), 0),
+    "checkpoint_every": Field(_int(0, MAX_STEPS), 0),
+    "partition_bytes": Field(_int(1024, 1 << 30), DEFAULT_PARTITION_BYTES),
+    "model": MODEL,
+    "data": DATA,
+    "optimizer": OPTIMIZER,
+    "consistency": CONSISTENCY,
+}
+
+
+def _section(path: str, schema: dict, raw: Any) -> dict:
+    if not isinstance(raw, dict):
+        raise SpecError(path or "job", "a mapping of fields", raw)
+    unknown = sorted(str(k) for k in raw if k not in schema)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        known = ", ".join(schema)
+        raise SpecError(where, f"one of the known fields ({known})", unknown[0],
+                        message=f"{where}: unknown field (known fields here: {known})")
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        where = f"{path}.{key}" if path else key
+        if isinstance(spec, dict):
+            out[key] = _section(where, spec, raw.get(key, {}) if raw.get(key) is not None else {})
+            continue
+        value = raw.get(key, _MISSING)
+        if value is _MISSING:
+            if spec.default is _MISSING:
+                raise SpecError(where, "a value", _MISSING)
+            out[key] = list(spec.default) if isinstance(spec.default, list) else spec.default
+        else:
+            out[key] = spec.check(where, value)
+    return out
+
+
+def validate_job(raw: Any) -> dict:
+    """The normalized job spec for `raw` (a parsed job file); raises SpecError."""
+    if not isinstance(raw, dict):
+        raise SpecError("job", "a mapping of fields (model, data, optimizer, ...)", raw)
+    for required in ("model", "data"):
+        if raw.get(required) is None:
+            raise SpecError(required, "a section", _MISSING)
+    spec = _section("", JOB, raw)
+    if (spec["steps"] is None) == (spec["epochs"] is None):
+        raise SpecError("steps", "exactly one of steps or epochs", {"steps": spec["steps"], "epochs": spec["epochs"]})
+    model = spec["model"]
+    if model["hidden"] is None:
+        model["hidden"] = [128] if model["kind"] == "mlp" else [64]
+    if model["kind"] == "cnn" and model["kernel"] % 2 == 0:
+        raise SpecError("model.kernel", "an odd kernel size (same padding)", model["kernel"])
+    if model["kind"] == "mlp":
+        # channels and kernel describe conv stages; an mlp has none.
+        for key in ("channels", "kernel"):
+            if key in raw["model"]:
+                raise SpecError(f"model.{key}", "no conv setting on an mlp (kind: cnn has conv stages)",
+                                raw["model"][key])
+    data = spec["data"]
+    if data["batch_size"] % data["micro_batches"]:
+        raise SpecError("data.micro_batches", f"a divisor of data.batch_size ({data['batch_size']})",
+                        data["micro_batches"])
+    opt = spec["optimizer"]
+    policy = spec["consistency"]["policy"]
+    if opt["staleness_aware"] and policy == "bsp":
+        raise SpecError("optimizer.staleness_aware", "false under bsp (bsp updates are never stale)", True)
+    if opt["nesterov"] and opt["kind"] != "momentum":
+        raise SpecError("optimizer.nesterov", "false unless optimizer.kind is momentum", True)
+    sched = opt["schedule"]
+    if sched["kind"] == "cosine" and sched["total_steps"] == 0 and spec["steps"] is not None:
+        sched["total_steps"] = spec["steps"]
+    return spec
+
+
+def parse_job_text(text: str, *, source: str = "job file") -> dict:
+    """Parse YAML text and validate it; raises SpecError (YAML errors name the line)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "the file"
+        raise SpecError(source, f"valid YAML (problem at {where}: {getattr(exc, 'problem', exc)})", "invalid YAML") from None
+    if raw is None:
+        raise SpecError(source, "a mapping of fields", "an empty file")
+    return validate_job(raw)
+
+
+def load_job_file(path: str) -> dict:
+    """Read and validate a job file; SpecError for a bad field, OSError-derived SpecError for a missing file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise SpecError(str(path), "an existing job file", "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), "a readable UTF-8 job file", type(exc).__name__) from None
+    return parse_job_text(text, source=str(path))

@@ -1,0 +1,205 @@
+"""The partition plan: which shard holds which contiguous piece of which tensor.
+
+A pure function of (names, shapes, dtypes, shard count, partition_bytes),
+computed by the scheduler and checked by everyone who receives it: every
+tensor is flattened and cut into near-equal contiguous slices of at most
+`partition_bytes`; slices are then placed largest first on the least-loaded
+shard (greedy LPT), so shard loads differ by at most one slice. A large
+layer is spread over every shard; a small one lives whole on one shard.
+
+On the wire a plan travels as its inputs plus a digest of its slices; the
+receiver recomputes it and refuses a plan whose digest differs, so two
+peers can never disagree on where a byte lives.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.version import ALLOWED_DTYPES
+
+DEFAULT_PARTITION_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor of the model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """Elements [start, stop) of the flattened tensor `name`, held by `shard`."""
+
+    sid: int
+    name: str
+    start: int
+    stop: int
+    shard: int
+    dtype: str
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every slice of every tensor lives. Build with `make_plan`."""
+
+    tensors: tuple[TensorSpec, ...]
+    slices: tuple[SliceSpec, ...]
+    num_shards: int
+    partition_bytes: int
+
+    # --- lookups (the tuples are small; these are called per request) ---
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def slices_of(self, name: str) -> list[SliceSpec]:
+        return [s for s in self.slices if s.name == name]
+
+    def slices_on(self, shard: int) -> list[SliceSpec]:
+        return [s for s in self.slices if s.shard == shard]
+
+    def shard_bytes(self) -> list[int]:
+        loads = [0] * self.num_shards
+        for s in self.slices:
+            loads[s.shard] += s.nbytes
+        return loads
+
+    @property
+    def digest(self) -> str:
+        """A short hash of every slice; equal plans have equal digests."""
+        h = hashlib.sha256()
+        for s in self.slices:
+            h.update(f"{s.sid}:{s.name}:{s.start}:{s.stop}:{s.shard}:{s.dtype};".encode())
+        return h.hexdigest()[:16]
+
+    # --- wire form ---
+
+    def to_wire(self) -> dict:
+        return {
+            "tensors": [[t.name, list(t.shape), t.dtype] for t in self.tensors],
+            "num_shards": self.num_shards,
+            "partition_bytes": self.partition_bytes,
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: object) -> "Plan":
+        """Recompute a plan from its wire form; ProtocolError(BAD_PLAN) if it is malformed or its digest differs."""
+        if not isinstance(wire, dict):
+            raise ProtocolError(ErrorCode.BAD_PLAN, "plan must be a map")
+        tensors = wire.get("tensors")
+        if not isinstance(tensors, list) or not all(
+            isinstance(t, list) and len(t) == 3 and isinstance(t[0], str) and isinstance(t[1], list)
+            and isinstance(t[2], str) for t in tensors
+        ):
+            raise ProtocolError(ErrorCode.BAD_PLAN, "plan.tensors must be a list of [name, shape, dtype]")
+        num_shards, partition_bytes = wire.get("num_shards"), wire.get("partition_bytes")
+        try:
+            plan = make_plan({t[0]: (tuple(t[1]), t[2]) for t in tensors}, num_shards, partition_bytes)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(ErrorCode.BAD_PLAN, f"plan is malformed: {exc}") from None
+        if len(tensors) != len(plan.tensors):
+            raise ProtocolError(ErrorCode.BAD_PLAN, "plan names a tensor twice")
+        if wire.get("digest") != plan.digest:
+            raise ProtocolError(
+                ErrorCode.BAD_PLAN,
+                f"plan digest {wire.get('digest')!r:.40} differs from the recomputed {plan.digest}")
+        return plan
+
+
+def _check_inputs(tensors: Mapping[str, tuple], num_shards: object, partition_bytes: object) -> None:
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, found {num_shards!r}")
+    if not isinstance(partition_bytes, int) or isinstance(partition_bytes, bool) or partition_bytes < 1:
+        raise ValueError(f"partition_bytes must be a positive int, found {partition_bytes!r}")
+    for name, (shape, dtype) in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, found {name!r}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name!r}: shape must be non-negative ints, found {shape!r}")
+        if dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
+        if np.dtype(dtype).itemsize > partition_bytes:
+            raise ValueError(f"partition_bytes {partition_bytes} is smaller than one {dtype} element")
+
+
+def _cut(size: int, max_count: int) -> list[tuple[int, int]]:
+    """Near-equal contiguous pieces [start, stop) of range(size), each <= max_count."""
+    if size == 0:
+        return [(0, 0)]  # an empty tensor still has one (empty) slice, so it can be pulled
+    pieces = -(-size // max_count)
+    base, extra = divmod(size, pieces)
+    out, start = [], 0
+    for i in range(pieces):
+        stop = start + base + (1 if i < extra else 0)
+        out.append((start, stop))
+        start = stop
+    return out
+
+
+def make_plan(
+    tensors: Mapping[str, tuple[Sequence[int], str]],
+    num_shards: int,
+    partition_bytes: int = DEFAULT_PARTITION_BYTES,
+) -> Plan:
+    """The plan for `tensors` (name -> (shape, dtype)) over `num_shards` shards.
+
+    Pure and deterministic: the order of `tensors` does not matter (names are
+    sorted). Raises ValueError on bad inputs.
+    """
+    tensors = {name: (tuple(shape), str(dtype)) for name, (shape, dtype) in tensors.items()}
+    _check_inputs(tensors, num_shards, partition_bytes)
+    specs = tuple(TensorSpec(name, shape, dtype) for name, (shape, dtype) in sorted(tensors.items()))
+    pieces = []  # (name, start, stop, dtype) in sid order
+    for t in specs:
+        for start, stop in _cut(t.size, partition_bytes // t.itemsize):
+            pieces.append((t.name, start, stop, t.dtype))
+    # Largest slice first onto the least-loaded shard; ties by sid and shard
+    # id, so the result is a pure function of the inputs.
+    order = sorted(range(len(pieces)),
+                   key=lambda i: (-(pieces[i][2] - pieces[i][1]) * np.dtype(pieces[i][3]).itemsize, i))
+    heap = [(0, k) for k in range(num_shards)]
+    shard_of = [0] * len(pieces)
+    for i in order:
+        load, k = heapq.heappop(heap)
+        name, start, stop, dtype = pieces[i]
+        shard_of[i] = k
+        heapq.heappush(heap, (load + (stop - start) * np.dtype(dtype).itemsize, k))
+    slices = tuple(
+        SliceSpec(sid, name, start, stop, shard_of[sid], dtype)
+        for sid, (name, start, stop, dtype) in enumerate(pieces)
+    )
+    return Plan(specs, slices, num_shards, partition_bytes)

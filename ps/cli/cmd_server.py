@@ -1,0 +1,46 @@
+"""`psctl server`: run one parameter-server shard."""
+from __future__ import annotations
+
+import click
+
+from ps.cli.common import SIZE, announce_ready, check_address, on_stop_signals, scheduler_address
+
+
+@click.command("server")
+@click.option("--bind", default="tcp://127.0.0.1:0", show_default=True,
+              help="Address to listen on; port 0 picks a free one.")
+@click.option("--shard-id", type=click.IntRange(0, 65535), required=True, help="This shard's number K.")
+@click.option("--scheduler", default=None, help="Scheduler to register with (or PSCLUSTER_SCHEDULER).")
+@click.option("--advertise", default=None, help="Address peers should use, if not the bound one.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Where checkpoints are written and restored from.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics here.")
+@click.option("--max-message-bytes", type=SIZE, default="512MiB", show_default=True,
+              help="Refuse bigger messages.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, max_message_bytes, log_level):
+    """Run one parameter-server shard (blocks until stopped)."""
+    from protocol.logfmt import setup_logging
+    from ps.shard import Shard
+    from ps.transport import BindError
+
+    setup_logging("server", log_level)
+    check_address(bind, "--bind")
+    sched = scheduler_address(scheduler, required=False)
+    try:
+        shard = Shard(shard_id, bind, scheduler=sched, advertise=advertise, checkpoint_dir=checkpoint_dir,
+                      max_message_bytes=max_message_bytes)
+    except BindError as exc:
+        raise click.ClickException(str(exc)) from None
+    metrics = None
+    if metrics_port is not None:
+        from ps.metrics_http import serve_metrics
+        try:
+            metrics = serve_metrics(shard.metrics, metrics_port)
+        except OSError as exc:
+            shard.close()
+            raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
+    on_stop_signals(shard.stop)
+    announce_ready(role="server", shard=shard_id, addr=shard.endpoint, advertise=shard.advertise,
+                   metrics_port=metrics.server_address[1] if metrics else None)
+    shard.serve()

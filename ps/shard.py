@@ -1,0 +1,470 @@
+"""The server shard daemon (`psctl server`): one ROUTER, one loop, an op table.
+
+Holds, for every job, its slices of every parameter tensor, their optimizer
+state and the job's clock table (via the job's consistency policy). Every
+message is decoded and validated before use; a bad one is answered with an
+`error` reply, counted, and the shard goes on serving (DESIGN.md, "Wire
+protocol"). Single-threaded: no locks; the metrics exporter only reads.
+
+Requests are safe to repeat (STYLE.md, habit 8): a push is identified by
+(job, worker, rid); a repeated one is answered from the last reply instead
+of being applied twice, and a repeated parked pull takes over the old one's
+place with the new socket's identity.
+"""
+from __future__ import annotations
+
+import logging
+import socket as pysocket
+import time
+from typing import Callable
+
+import zmq
+
+from protocol.codec import decode, encode, error_frames, sizes
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import Heartbeat, Message, Ok, PushPull, Register
+from protocol.metrics import Registry
+from protocol.plan import Plan
+from protocol.validate import check_job_id, check_payload, check_sids
+from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
+from ps import checkpoint
+from ps.optim import make_optimizer
+from ps.policy import Accumulate, Answer, Apply, ApplyMean, Park, Release, Refuse, make_policy
+from ps.table import JobTable
+from ps.transport import bind_router, send_reply, split_envelope
+
+log = logging.getLogger("pscluster.server")
+
+# How often the shard tells the scheduler it is alive (Paranoid Pirate).
+HEARTBEAT_INTERVAL_S = 1.0
+# Longest the loop sleeps in poll before running periodic work.
+TICK_INTERVAL_S = 0.1
+# Messages handled per wake-up before periodic work gets a turn.
+MAX_BATCH_MSGS = 256
+# Upper bounds of the staleness histogram (in versions).
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class Shard:
+    """One parameter-server shard. `serve()` blocks until shutdown or `stop()`."""
+
+    def __init__(self, shard_id: int, bind: str, *, ctx: zmq.Context | None = None,
+                 scheduler: str | None = None, advertise: str | None = None,
+                 checkpoint_dir: str | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 registry: Registry | None = None, clock: Callable[[], float] = time.monotonic):
+        self.shard_id = shard_id
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock, self.endpoint = bind_router(self.ctx, bind)
+        self.advertise = advertise or _advertised(self.endpoint)
+        self.checkpoint_dir = checkpoint_dir
+        self.max_message_bytes = max_message_bytes
+        self.metrics = registry or Registry()
+        self.now = clock
+        self.tables: dict[str, JobTable] = {}
+        self.pending_membership: dict[str, tuple[int, dict]] = {}
+        self.parked: dict[tuple, tuple] = {}      # token -> (envelope, msg, sids)
+        self.last_reply: dict[tuple, tuple] = {}  # (job, worker) -> (rid, frames or None)
+        self.stopping = False
+        self.scheduler_addr = scheduler
+        self.sched_sock: zmq.Socket | None = None
+        self._next_heartbeat = 0.0
+        self._rid = 0
+        self.ops = {
+            "create": self.on_create, "pull": self.on_pull, "push": self.on_push,
+            "push_pull": self.on_push_pull, "membership": self.on_membership, "stats": self.on_stats,
+            "checkpoint": self.on_checkpoint, "drop": self.on_drop, "shutdown": self.on_shutdown,
+        }
+        self._describe_metrics()
+        if checkpoint_dir:
+            self._restore_all()
+
+    # --- lifecycle ---
+
+    def serve(self) -> None:
+        """Answer requests until `shutdown` arrives or `stop()` is called; then close the sockets."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.scheduler_addr:
+            self._connect_scheduler()
+            poller.register(self.sched_sock, zmq.POLLIN)
+        log.info("serving", extra={"shard": self.shard_id, "addr": self.endpoint})
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(int(TICK_INTERVAL_S * 1000)))
+                if self.sock in events:
+                    self._drain()
+                if self.sched_sock is not None and self.sched_sock in events:
+                    self._drain_scheduler()
+                self.tick(self.now())
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        self.sock.close(0)
+        if self.sched_sock is not None:
+            self.sched_sock.close(0)
+            self.sched_sock = None
+
+    def tick(self, now: float) -> None:
+        """Periodic work: heartbeats to the scheduler. Time is passed in (STYLE.md, habit 9)."""
+        if self.sched_sock is not None and now >= self._next_heartbeat:
+            self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
+            self._send_scheduler(Heartbeat(role="server", state=self._heartbeat_state()))
+
+    def _drain(self) -> None:
+        for _ in range(MAX_BATCH_MSGS):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            envelope, body = split_envelope(frames)
+            self.handle(envelope, body)
+
+    # --- dispatch ---
+
+    def handle(self, envelope: list, frames: list) -> None:
+        """Decode, validate and answer one message; never raises."""
+        self.metrics.inc("bytes_received_total", sizes(frames))
+        try:
+            msg = decode(frames, max_message_bytes=self.max_message_bytes)
+            handler = self.ops.get(msg.OP)
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"op '{msg.OP}' is not served by a server shard "
+                                    f"(it serves: {', '.join(sorted(self.ops))})", rid=msg.rid)
+            handler(envelope, msg)
+        except ProtocolError as exc:
+            self._reject(envelope, exc)
+        except Exception as exc:  # a bug must not take the shard down with it
+            log.exception("internal error", extra={"shard": self.shard_id})
+            self._reject(envelope, ProtocolError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _reject(self, envelope: list, exc: ProtocolError, job: str = "") -> None:
+        self.metrics.inc("rejected_total", code=exc.code.value)
+        log.info("rejected", extra={"code": exc.code.value, "why": exc.message})
+        self._send(envelope, error_frames(exc.rid, exc.code, exc.message, job=job))
+
+    def _send(self, envelope: list, frames: list, *, track: bool = False) -> list | None:
+        trackers = send_reply(self.sock, envelope, frames, track=track)
+        if trackers is not None:
+            self.metrics.inc("bytes_sent_total", sizes(frames))
+        return trackers
+
+    def _table(self, msg: Message) -> JobTable:
+        table = self.tables.get(msg.job)
+        if table is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no table for job {msg.job!r:.60} on shard {self.shard_id}",
+                                rid=msg.rid)
+        return table
+
+    # --- table creation and removal ---
+
+    def on_create(self, envelope: list, msg) -> None:
+        check_job_id(msg.job, rid=msg.rid)
+        plan = _plan_or_error(msg)
+        if not 0 <= self.shard_id < plan.num_shards:
+            raise ProtocolError(ErrorCode.BAD_PLAN, f"plan has {plan.num_shards} shards; this is shard {self.shard_id}",
+                                rid=msg.rid)
+        existing = self.tables.get(msg.job)
+        if existing is not None:
+            if existing.plan.digest != plan.digest:
+                raise ProtocolError(ErrorCode.EXISTS, f"job {msg.job!r} exists here with another plan", rid=msg.rid)
+            self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job,
+                                           body={"existed": True, "version": existing.version})))
+            return
+        try:
+            optimizer = make_optimizer(msg.optimizer or {"kind": "sgd", "lr": 0.1})
+            policy = make_policy(msg.policy or {"policy": "asp"})
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.BAD_SPEC, str(exc), rid=msg.rid) from None
+        unknown = sorted(set(msg.nonlearned) - set(plan.names))
+        if unknown:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"nonlearned tensor {unknown[0]!r} is not in the plan", rid=msg.rid)
+        if msg.checkpoint_every < 0:
+            raise ProtocolError(ErrorCode.BAD_FIELD, "checkpoint_every must be >= 0", rid=msg.rid)
+        held = {s.sid: s for s in plan.slices_on(self.shard_id)}
+        check_payload(msg.slices, held, rid=msg.rid, job=msg.job, complete=True)
+        table = JobTable(msg.job, plan, self.shard_id, optimizer, policy, nonlearned=msg.nonlearned,
+                         initial={sl.sid: sl.data for sl in msg.slices}, checkpoint_every=msg.checkpoint_every)
+        self.tables[msg.job] = table
+        pending = self.pending_membership.pop(msg.job, None)
+        if pending is not None:
+            self._run(table, policy.on_membership(*pending), {})
+        log.info("table created", extra={"job": msg.job, "slices": len(held), "bytes": table.bytes,
+                                         "policy": policy.name, "optimizer": optimizer.spec["kind"]})
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"existed": False, "version": table.version,
+                                                                      "slices": len(held)})))
+
+    def on_drop(self, envelope: list, msg) -> None:
+        table = self.tables.pop(msg.job, None)
+        if table is not None:
+            for token in [t for t in self.parked if t[0] == msg.job]:
+                env, req, _sids = self.parked.pop(token)
+                self._reject(env, ProtocolError(ErrorCode.UNKNOWN_JOB, f"job {msg.job!r} was dropped", rid=req.rid))
+            for key in [k for k in self.last_reply if k[0] == msg.job]:
+                del self.last_reply[key]
+        if self.checkpoint_dir:
+            check_job_id(msg.job, rid=msg.rid)
+            checkpoint.remove(self.checkpoint_dir, msg.job, self.shard_id)
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"dropped": table is not None})))
+
+    # --- data path ---
+
+    def on_pull(self, envelope: list, msg) -> None:
+        table = self._table(msg)
+        check_sids(msg.sids, table.held, rid=msg.rid, job=msg.job)
+        self.metrics.inc("pulls_total")
+        table.pulls += 1
+        if msg.clock < 0:
+            self._answer(table, envelope, msg, msg.sids)
+            return
+        token = (msg.job, "pull", msg.worker, msg.rid)
+        if token in self.parked:  # a retry of a parked pull: answer the new socket instead
+            self.parked[token] = (envelope, msg, msg.sids)
+            return
+        self._run(table, table.policy.on_pull(msg.worker, msg.clock, token), {token: (envelope, msg, msg.sids)})
+
+    def on_push(self, envelope: list, msg) -> None:
+        self._push(envelope, msg)
+
+    def on_push_pull(self, envelope: list, msg) -> None:
+        self._push(envelope, msg)
+
+    def _push(self, envelope: list, msg) -> None:
+        table = self._table(msg)
+        key = (msg.job, msg.worker)
+        pull_token = (msg.job, "pull", msg.worker, msg.rid)
+        last = self.last_reply.get(key) if msg.worker else None
+        if last is not None and last[0] == msg.rid:
+            self.metrics.inc("duplicates_total")
+            self._answer_duplicate(table, envelope, msg, last[1], pull_token)
+            return
+        check_payload(msg.slices, table.held, rid=msg.rid, job=msg.job)
+        if isinstance(msg, PushPull):
+            check_sids(msg.sids, table.held, rid=msg.rid, job=msg.job)
+        push_token = (msg.job, "push", msg.worker, msg.rid)
+        refused = self._run(table, table.policy.on_push(msg.worker, msg.clock, push_token,
+                                                        base_version=msg.base_version),
+                            {push_token: (envelope, msg, ())})
+        if push_token in refused:
+            return
+        self.metrics.inc("pushes_total")
+        if not isinstance(msg, PushPull):
+            frames = encode(Ok(rid=msg.rid, job=msg.job, body=self._body(table, msg.worker)))
+            if msg.worker:
+                self.last_reply[key] = (msg.rid, frames)
+            self._send(envelope, frames)
+        else:
+            if msg.worker:
+                self.last_reply[key] = (msg.rid, None)
+            table.pulls += 1
+            self.metrics.inc("pulls_total")
+            if msg.clock < 0:
+                self._answer(table, envelope, msg, msg.sids)
+            else:
+                self._run(table, table.policy.on_pull(msg.worker, msg.clock + 1, pull_token),
+                          {pull_token: (envelope, msg, msg.sids)})
+        self._maybe_checkpoint(table)
+
+    def _answer_duplicate(self, table: JobTable, envelope: list, msg, frames: list | None, pull_token) -> None:
+        """A repeated push: answer it again without applying it again."""
+        if frames is not None:
+            self._send(envelope, frames)
+        elif pull_token in self.parked:
+            self.parked[pull_token] = (envelope, msg, msg.sids)
+        else:
+            self._answer(table, envelope, msg, msg.sids)
+
+    def _body(self, table: JobTable, worker: str) -> dict:
+        return {"version": table.version, "clock": table.policy.clocks.get(worker, -1)}
+
+    def _answer(self, table: JobTable, envelope: list, msg, sids) -> None:
+        slices = table.read(sids)
+        frames = encode(Ok(rid=msg.rid, job=msg.job, body=self._body(table, msg.worker), slices=tuple(slices)))
+        trackers = self._send(envelope, frames, track=True)
+        table.mark_inflight(slices, trackers)
+
+    def _run(self, table: JobTable, actions: list, requests: dict) -> set:
+        """Perform a policy's actions in order; returns the tokens it refused."""
+        refused = set()
+        for action in actions:
+            if isinstance(action, Apply):
+                _env, msg, _ = requests[action.push]
+                opt = table.optimizer
+                lr_scale = 1.0 / max(1, action.staleness) if opt.spec.get("staleness_aware") else 1.0
+                step = msg.clock if msg.clock >= 0 else max(0, table.version - 1)
+                table.apply(msg.slices, step=step, grad_scale=opt.clip_scale(msg.norm), lr_scale=lr_scale)
+                table.record_staleness(action.staleness)
+                self.metrics.histogram("staleness", STALENESS_BUCKETS, job=table.job).observe(action.staleness)
+            elif isinstance(action, Accumulate):
+                _env, msg, _ = requests[action.push]
+                table.accumulate(action.step, msg.slices, grad_scale=table.optimizer.clip_scale(msg.norm))
+            elif isinstance(action, ApplyMean):
+                table.apply_mean(action.step, action.count)
+            elif isinstance(action, Answer):
+                envelope, msg, sids = requests[action.pull]
+                self._answer(table, envelope, msg, sids)
+            elif isinstance(action, Park):
+                self.parked[action.pull] = requests[action.pull]
+            elif isinstance(action, Release):
+                for token in action.pulls:
+                    parked = self.parked.pop(token, None)
+                    if parked is not None:
+                        self._answer(table, *parked)
+            elif isinstance(action, Refuse):
+                ctx = requests.get(action.request) or self.parked.pop(action.request, None)
+                refused.add(action.request)
+                if ctx is not None:
+                    self._reject(ctx[0], ProtocolError(action.code, action.message, rid=ctx[1].rid), job=table.job)
+            else:  # pragma: no cover - a policy bug, surfaced loudly
+                raise TypeError(f"unknown policy action {action!r}")
+        self.metrics.set("parked_pulls", len(self.parked))
+        return refused
+
+    # --- control ---
+
+    def on_membership(self, envelope: list, msg) -> None:
+        table = self.tables.get(msg.job)
+        if table is None:
+            check_job_id(msg.job, rid=msg.rid)
+            held = self.pending_membership.get(msg.job)
+            if held is None or held[0] < msg.epoch:
+                self.pending_membership[msg.job] = (msg.epoch, dict(msg.workers))
+            self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"epoch": msg.epoch, "pending": True})))
+            return
+        self._run(table, table.policy.on_membership(msg.epoch, dict(msg.workers)), {})
+        log.info("membership", extra={"job": msg.job, "epoch": table.policy.epoch, "workers": len(msg.workers)})
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"epoch": table.policy.epoch,
+                                                                      "version": table.version})))
+        self._maybe_checkpoint(table)
+
+    def on_stats(self, envelope: list, msg) -> None:
+        jobs = {job: t.summary() for job, t in self.tables.items() if not msg.job or job == msg.job}
+        body = {
+            "shard": self.shard_id,
+            "addr": self.advertise,
+            "jobs": jobs,
+            "pushes": int(self.metrics.get("pushes_total")),
+            "pulls": int(self.metrics.get("pulls_total")),
+            "duplicates": int(self.metrics.get("duplicates_total")),
+            "rejected": {code.value: int(self.metrics.get("rejected_total", code=code.value))
+                         for code in ErrorCode if self.metrics.get("rejected_total", code=code.value)},
+            "rejected_total": int(sum(self.metrics.get("rejected_total", code=c.value) for c in ErrorCode)),
+            "bytes_received": int(self.metrics.get("bytes_received_total")),
+            "bytes_sent": int(self.metrics.get("bytes_sent_total")),
+            "parked": len(self.parked),
+        }
+        self._send(envelope, encode(Ok(rid=msg.rid, body=body)))
+
+    def on_checkpoint(self, envelope: list, msg) -> None:
+        if not self.checkpoint_dir:
+            raise ProtocolError(ErrorCode.BAD_STATE, "this shard runs without --checkpoint-dir", rid=msg.rid)
+        jobs = [self._table(msg)] if msg.job else list(self.tables.values())
+        written = {t.job: str(self._checkpoint(t)) for t in jobs}
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"written": written})))
+
+    def on_shutdown(self, envelope: list, msg) -> None:
+        self._send(envelope, encode(Ok(rid=msg.rid, body={"shard": self.shard_id})))
+        log.info("shutdown requested", extra={"shard": self.shard_id})
+        self.stopping = True
+
+    # --- checkpoints ---
+
+    def _maybe_checkpoint(self, table: JobTable) -> None:
+        every = table.checkpoint_every
+        if not (self.checkpoint_dir and every) or table.pending_sums():
+            return
+        if table.version // every > table.last_checkpoint_version // every:
+            self._checkpoint(table)
+
+    def _checkpoint(self, table: JobTable):
+        path = checkpoint.save(self.checkpoint_dir, table)
+        table.last_checkpoint_version = table.version
+        self.metrics.inc("checkpoints_total")
+        log.info("checkpoint written", extra={"job": table.job, "version": table.version, "path": str(path)})
+        return path
+
+    def _restore_all(self) -> None:
+        for job in checkpoint.jobs_on_disk(self.checkpoint_dir, self.shard_id):
+            path = checkpoint.latest(checkpoint.job_dir(self.checkpoint_dir, job, self.shard_id))
+            try:
+                meta, values, state = checkpoint.read(path)
+                plan = Plan.from_wire(meta["plan"])
+                policy_cls = type(make_policy({"policy": meta["policy"]["name"]}))
+                table = JobTable(job, plan, self.shard_id, make_optimizer(meta["optimizer"]),
+                                 policy_cls.from_state(meta["policy"]), nonlearned=meta["nonlearned"],
+                                 initial=values, checkpoint_every=meta["checkpoint_every"])
+                for sid, arrays in state.items():
+                    for key, arr in arrays.items():
+                        table.opt_state[sid][key][...] = arr
+            except Exception as exc:  # an unreadable checkpoint must not stop the shard serving others
+                log.error("checkpoint not restored", extra={"job": job, "path": str(path), "why": repr(exc)})
+                continue
+            self.tables[job] = table
+            log.info("restored", extra={"job": job, "version": table.version, "path": str(path)})
+
+    # --- scheduler link ---
+
+    def _connect_scheduler(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100)
+        sock.connect(self.scheduler_addr)
+        self.sched_sock = sock
+        self._send_scheduler(Register(role="server", addr=self.advertise, shard=self.shard_id,
+                                      info={"host": pysocket.gethostname(), "jobs": sorted(self.tables)}))
+
+    def _send_scheduler(self, msg: Message) -> None:
+        self._rid += 1
+        frames = encode(type(msg)(**{**msg.__dict__, "rid": self._rid}))
+        try:
+            self.sched_sock.send_multipart(frames, zmq.DONTWAIT, copy=False)
+        except zmq.Again:
+            pass  # the scheduler is away; the next heartbeat tries again
+
+    def _drain_scheduler(self) -> None:
+        for _ in range(MAX_BATCH_MSGS):
+            try:
+                frames = self.sched_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                reply = decode(frames)
+            except ProtocolError:
+                continue
+            if isinstance(reply, Ok) and reply.body.get("reregister"):
+                self._send_scheduler(Register(role="server", addr=self.advertise, shard=self.shard_id,
+                                              info={"host": pysocket.gethostname(), "jobs": sorted(self.tables)}))
+
+    def _heartbeat_state(self) -> dict:
+        return {"shard": self.shard_id, "addr": self.advertise,
+                "jobs": {job: t.summary() for job, t in self.tables.items()}}
+
+    def _describe_metrics(self) -> None:
+        m = self.metrics
+        m.describe("pushes_total", "counter", "Pushes accepted")
+        m.describe("pulls_total", "counter", "Pulls received")
+        m.describe("duplicates_total", "counter", "Repeated requests answered from the last reply")
+        m.describe("rejected_total", "counter", "Messages refused with an error reply, by code")
+        m.describe("bytes_received_total", "counter", "Bytes received")
+        m.describe("bytes_sent_total", "counter", "Bytes sent")
+        m.describe("parked_pulls", "gauge", "Pulls held by a consistency policy")
+        m.describe("staleness", "histogram", "Versions between a gradient's base and its application")
+        m.describe("checkpoints_total", "counter", "Checkpoints written")
+
+
+def _plan_or_error(msg) -> Plan:
+    try:
+        return Plan.from_wire(msg.plan)
+    except ProtocolError as exc:
+        raise ProtocolError(exc.code, exc.message, rid=msg.rid) from None
+
+
+def _advertised(endpoint: str) -> str:
+    """The address peers should use: a wildcard bind is advertised by host name."""
+    if "0.0.0.0" in endpoint:
+        return endpoint.replace("0.0.0.0", pysocket.gethostname())
+    return endpoint

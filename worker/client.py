@@ -1,0 +1,290 @@
+"""The parameter client: pull, push and push_pull across every shard at once.
+
+One DEALER per shard. A request goes to all shards that hold a wanted
+slice, then the replies are gathered with one poller; each reply's slices
+are copied once, straight into the result tensors (or into arrays the
+caller passes as `out`, e.g. the model's own parameters).
+
+Requests are retried Lazy-Pirate style: a shard that does not answer within
+`timeout_s` gets the same request (same request id) again on a fresh
+socket; shards answer repeats without applying them twice. After `retries`
+repeats the call raises ShardTimeout naming the shard. Requests a policy
+may hold on purpose (clocked pulls under BSP/SSP) are retried for up to
+`max_wait_s` instead. An `error` reply raises ShardError with its code and
+sentence.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket as pysocket
+import time
+import uuid
+from typing import Mapping, Sequence
+
+import numpy as np
+import zmq
+
+from protocol.codec import decode, encode, raise_if_error
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import Create, Message, Ok, Pull, Push, PushPull, SliceData, Stats
+from protocol.plan import Plan
+
+# Default wait for one reply before the request is re-sent (Lazy Pirate).
+REQUEST_TIMEOUT_S = 10.0
+# Re-sends before a silent shard is reported.
+REQUEST_RETRIES = 3
+# Longest a clocked pull may be held by a consistency policy in total.
+MAX_POLICY_WAIT_S = 600.0
+# Messages queued per shard socket before send blocks.
+SEND_HWM_MSGS = 100
+
+
+class ShardTimeout(TimeoutError):
+    """A shard did not answer in time; the message names it."""
+
+
+class ShardError(RuntimeError):
+    """A shard answered with an error reply."""
+
+    def __init__(self, shard: int, addr: str, exc: ProtocolError):
+        super().__init__(f"shard {shard} at {addr} refused the request: {exc.code.value}: {exc.message}")
+        self.shard = shard
+        self.code = exc.code
+        self.reason = exc.message
+
+
+def default_worker_id() -> str:
+    """host-pid-random: unique per process, readable in logs."""
+    return f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class ParamClient:
+    """Talks to the shards of one job. Not thread-safe: one per thread.
+
+    All calls block until every involved shard answered; they raise
+    ShardTimeout, ShardError or ValueError (bad arguments).
+    """
+
+    def __init__(self, shards: Sequence[str], plan: Plan, *, job: str, worker: str | None = None,
+                 ctx: zmq.Context | None = None, timeout_s: float = REQUEST_TIMEOUT_S,
+                 retries: int = REQUEST_RETRIES, max_wait_s: float = MAX_POLICY_WAIT_S):
+        if len(shards) != plan.num_shards:
+            raise ValueError(f"the plan has {plan.num_shards} shards but {len(shards)} addresses were given")
+        self.addrs = list(shards)
+        self.plan = plan
+        self.job = job
+        self.worker = worker or default_worker_id()
+        self.ctx = ctx or zmq.Context.instance()
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.max_wait_s = max_wait_s
+        self.versions: list[int] = [-1] * len(self.addrs)  # last version seen per shard
+        self.clocks: list[int] = [-1] * len(self.addrs)    # our clock on each shard, as it reported
+        self._rids = itertools.count(1)
+        self._socks: list[zmq.Socket | None] = [None] * len(self.addrs)
+        self._on_shard = [plan.slices_on(k) for k in range(plan.num_shards)]
+        self._tensors = {t.name: t for t in plan.tensors}
+        self._sids_of: dict[str, list[int]] = {name: [s.sid for s in plan.slices_of(name)] for name in self._tensors}
+        self._slice = {s.sid: s for s in plan.slices}
+
+    # --- sockets ---
+
+    def _sock(self, k: int) -> zmq.Socket:
+        sock = self._socks[k]
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, SEND_HWM_MSGS)
+            sock.connect(self.addrs[k])
+            self._socks[k] = sock
+        return sock
+
+    def _reset(self, k: int) -> None:
+        if self._socks[k] is not None:
+            self._socks[k].close(0)
+            self._socks[k] = None
+
+    def close(self) -> None:
+        for k in range(len(self._socks)):
+            self._reset(k)
+
+    def __enter__(self) -> "ParamClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the request engine ---
+
+    def _exchange(self, requests: dict[int, Message], *, patient: bool = False) -> dict[int, Ok]:
+        """Send each shard its request and gather every reply (Lazy Pirate).
+
+        `patient`: the request may be held by a policy, so keep re-sending
+        until max_wait_s rather than giving up after `retries`.
+        """
+        frames = {k: encode(msg) for k, msg in requests.items()}
+        for k, f in frames.items():
+            self._sock(k).send_multipart(f, copy=False)
+        replies: dict[int, Ok] = {}
+        tries = {k: 0 for k in requests}
+        started = time.monotonic()
+        deadline = {k: started + self.timeout_s for k in requests}
+        while len(replies) < len(requests):
+            waiting = [k for k in requests if k not in replies]
+            poller = zmq.Poller()
+            for k in waiting:
+                poller.register(self._sock(k), zmq.POLLIN)
+            wait_ms = max(0, int((min(deadline[k] for k in waiting) - time.monotonic()) * 1000))
+            ready = dict(poller.poll(wait_ms))
+            for k in waiting:
+                sock = self._socks[k]
+                if sock is not None and sock in ready:
+                    reply = self._receive(k, requests[k])
+                    if reply is not None:
+                        replies[k] = reply
+            now = time.monotonic()
+            for k in waiting:
+                if k in replies or now < deadline[k]:
+                    continue
+                tries[k] += 1
+                out_of_time = now - started >= self.max_wait_s if patient else tries[k] > self.retries
+                if out_of_time:
+                    raise ShardTimeout(
+                        f"shard {k} at {self.addrs[k]} did not answer '{requests[k].OP}' for job {self.job!r} "
+                        f"within {now - started:.1f}s ({tries[k] - 1} retries)")
+                self._reset(k)  # Lazy Pirate: a fresh socket, the same request
+                self._sock(k).send_multipart(frames[k], copy=False)
+                deadline[k] = now + self.timeout_s * (1 if patient else min(2 ** tries[k], 8))
+        return replies
+
+    def _receive(self, k: int, request: Message) -> Ok | None:
+        try:
+            frames = self._socks[k].recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        try:
+            reply = raise_if_error(decode(frames))
+        except ProtocolError as exc:
+            if exc.rid not in (0, request.rid):
+                return None  # an answer to an older request on this socket
+            raise ShardError(k, self.addrs[k], exc) from None
+        if reply.rid != request.rid:
+            return None
+        if not isinstance(reply, Ok):
+            raise ShardError(k, self.addrs[k], ProtocolError(ErrorCode.BAD_FRAME, f"unexpected reply op {reply.OP}"))
+        body = reply.body
+        if isinstance(body.get("version"), int):
+            self.versions[k] = body["version"]
+        if isinstance(body.get("clock"), int):
+            self.clocks[k] = body["clock"]
+        return reply
+
+    # --- helpers ---
+
+    def _common(self, k: int, clock: int | None) -> dict:
+        return {"rid": next(self._rids), "job": self.job, "worker": self.worker,
+                "clock": self.clocks[k] if clock is None else clock}
+
+    def _grad_slices(self, grads: Mapping[str, np.ndarray]) -> dict[int, list[SliceData]]:
+        per_shard: dict[int, list[SliceData]] = {}
+        for name, grad in grads.items():
+            spec = self._tensors.get(name)
+            if spec is None:
+                raise ValueError(f"tensor {name!r} is not in job {self.job!r}'s plan")
+            flat = np.ascontiguousarray(grad, dtype=spec.dtype).reshape(-1)
+            if flat.size != spec.size:
+                raise ValueError(f"gradient {name!r} has {flat.size} elements; the plan says {spec.size}")
+            for sid in self._sids_of[name]:
+                s = self._slice[sid]
+                per_shard.setdefault(s.shard, []).append(SliceData(sid, flat[s.start:s.stop]))
+        return per_shard
+
+    def _wanted(self, names: Sequence[str] | None) -> dict[int, list[int]]:
+        names = list(self._tensors) if names is None else list(names)
+        per_shard: dict[int, list[int]] = {}
+        for name in names:
+            if name not in self._tensors:
+                raise ValueError(f"tensor {name!r} is not in job {self.job!r}'s plan")
+            for sid in self._sids_of[name]:
+                per_shard.setdefault(self._slice[sid].shard, []).append(sid)
+        return per_shard
+
+    def _assemble(self, names: Sequence[str] | None, replies: dict[int, Ok],
+                  out: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        names = list(self._tensors) if names is None else list(names)
+        result: dict[str, np.ndarray] = {}
+        for name in names:
+            spec = self._tensors[name]
+            arr = None if out is None else out.get(name)
+            if arr is None:
+                arr = np.empty(spec.shape, dtype=spec.dtype)
+            elif arr.shape != spec.shape or arr.dtype != np.dtype(spec.dtype) or not arr.flags.c_contiguous:
+                raise ValueError(f"out[{name!r}] must be a C-contiguous {spec.dtype} array of shape {spec.shape}")
+            result[name] = arr
+        flats = {name: arr.reshape(-1) for name, arr in result.items()}
+        for reply in replies.values():
+            for sl in reply.slices:
+                s = self._slice.get(sl.sid)
+                if s is None or s.name not in flats:
+                    continue
+                flats[s.name][s.start:s.stop] = sl.data  # the one copy: frame -> result
+        return result
+
+    # --- public API ---
+
+    def create(self, arrays: Mapping[str, np.ndarray], *, optimizer: dict | None = None,
+               policy: dict | None = None, nonlearned: Sequence[str] = (), checkpoint_every: int = 0) -> bool:
+        """Create the job's table on every shard from initial values; True if it already existed everywhere."""
+        missing = sorted(set(self._tensors) - set(arrays))
+        if missing:
+            raise ValueError(f"initial value of {missing[0]!r} is missing")
+        per_shard = self._grad_slices(arrays)
+        requests = {
+            k: Create(**self._common(k, -1), plan=self.plan.to_wire(), optimizer=optimizer or {},
+                      policy=policy or {}, nonlearned=list(nonlearned), checkpoint_every=checkpoint_every,
+                      slices=tuple(per_shard.get(k, ())))
+            for k in range(len(self.addrs))
+        }
+        replies = self._exchange(requests)
+        return all(r.body.get("existed") for r in replies.values())
+
+    def pull(self, names: Sequence[str] | None = None, *, clock: int | None = -1,
+             out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Current values of `names` (all tensors when None).
+
+        clock: -1 reads at once; a step number lets the job's policy hold the
+        pull until that step may start; None uses the clock each shard last
+        reported for this worker. Values are copied into `out[name]` when given.
+        """
+        wanted = self._wanted(names)
+        requests = {k: Pull(**self._common(k, clock), sids=sids) for k, sids in wanted.items()}
+        replies = self._exchange(requests, patient=clock != -1)
+        return self._assemble(names, replies, out)
+
+    def push(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0) -> None:
+        """Send gradients (for step `clock`) to the shards holding them; returns once all acknowledged."""
+        per_shard = self._grad_slices(grads)
+        requests = {k: Push(**self._common(k, clock), base_version=self.versions[k], norm=norm, slices=tuple(sl))
+                    for k, sl in per_shard.items()}
+        self._exchange(requests)
+
+    def push_pull(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0,
+                  names: Sequence[str] | None = None,
+                  out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Push step `clock`'s gradients and get the values for the next step, one round trip per shard."""
+        per_shard = self._grad_slices(grads)
+        wanted = self._wanted(names)
+        shards = sorted(set(per_shard) | set(wanted))
+        requests = {
+            k: PushPull(**self._common(k, clock), base_version=self.versions[k], norm=norm,
+                        sids=wanted.get(k, []) if names is not None else [], slices=tuple(per_shard.get(k, ())))
+            for k in shards
+        }
+        replies = self._exchange(requests, patient=clock != -1)
+        return self._assemble(names, replies, out)
+
+    def stats(self) -> list[dict]:
+        """Every shard's `stats` body (counters, tables), in shard order."""
+        replies = self._exchange({k: Stats(**self._common(k, -1)) for k in range(len(self.addrs))})
+        return [replies[k].body for k in range(len(self.addrs))]
