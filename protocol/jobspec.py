@@ -255,12 +255,6 @@ def validate_job(raw: Any) -> dict:
         model["hidden"] = [128] if model["kind"] == "mlp" else [64]
     if model["kind"] == "cnn" and model["kernel"] % 2 == 0:
         raise SpecError("model.kernel", "an odd kernel size (same padding)", model["kernel"])
-    if model["kind"] == "mlp":
-        # channels and kernel describe conv stages; an mlp has none.
-        for key in ("channels", "kernel"):
-            if key in raw["model"]:
-                raise SpecError(f"model.{key}", "no conv setting on an mlp (kind: cnn has conv stages)",
-                                raw["model"][key])
     data = spec["data"]
     if data["batch_size"] % data["micro_batches"]:
         raise SpecError("data.micro_batches", f"a divisor of data.batch_size ({data['batch_size']})",

@@ -210,10 +210,26 @@ class Assign(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Submit(Message):
-    """Submit a job. spec: the validated job file as a map."""
+    """Submit a job. spec: the job file as a map (the scheduler validates it again)."""
 
     OP: ClassVar[str] = "submit"
     spec: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report(Message):
+    """A worker tells the scheduler something about its assignment.
+
+    event: "plan" (the initialising worker sends its model's tensors and
+    gets the job's partition plan back), "initialized" (tables created),
+    "eval" (test metrics), "done" (partition finished its steps), "stopped"
+    (left when told to), "failed" (could not go on; state["error"] says
+    why). state: the facts.
+    """
+
+    OP: ClassVar[str] = "report"
+    event: str = ""
+    state: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,7 +287,7 @@ KINDS: dict[str, type[Message]] = {
     cls.OP: cls
     for cls in (
         Create, Pull, Push, PushPull, Membership, Stats, Checkpoint, Drop, Shutdown,
-        Register, Heartbeat, Assign, Submit, Status, Cancel, List, Export,
+        Register, Heartbeat, Assign, Report, Submit, Status, Cancel, List, Export,
         Ok, Error,
     )
 }

@@ -29,7 +29,7 @@ from protocol.validate import check_job_id, check_payload, check_sids
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps import checkpoint
 from ps.optim import make_optimizer
-from ps.policy import Accumulate, Answer, Apply, ApplyMean, Park, Release, Refuse, make_policy
+from ps.policy import Accumulate, Answer, Apply, ApplyMean, Park, Policy, Release, Refuse, make_policy
 from ps.table import JobTable
 from ps.transport import bind_router, send_reply, split_envelope
 
@@ -294,9 +294,9 @@ class Shard:
             if isinstance(action, Apply):
                 _env, msg, _ = requests[action.push]
                 opt = table.optimizer
-                lr_scale = 1.0 / max(1, action.staleness) if opt.spec.get("staleness_aware") else 1.0
                 step = msg.clock if msg.clock >= 0 else max(0, table.version - 1)
-                table.apply(msg.slices, step=step, grad_scale=opt.clip_scale(msg.norm), lr_scale=lr_scale)
+                table.apply(msg.slices, step=step, grad_scale=opt.clip_scale(msg.norm),
+                            lr_scale=opt.staleness_scale(action.staleness))
                 table.record_staleness(action.staleness)
                 self.metrics.histogram("staleness", STALENESS_BUCKETS, job=table.job).observe(action.staleness)
             elif isinstance(action, Accumulate):
@@ -393,9 +393,8 @@ class Shard:
             try:
                 meta, values, state = checkpoint.read(path)
                 plan = Plan.from_wire(meta["plan"])
-                policy_cls = type(make_policy({"policy": meta["policy"]["name"]}))
                 table = JobTable(job, plan, self.shard_id, make_optimizer(meta["optimizer"]),
-                                 policy_cls.from_state(meta["policy"]), nonlearned=meta["nonlearned"],
+                                 Policy.from_state(meta["policy"]), nonlearned=meta["nonlearned"],
                                  initial=values, checkpoint_every=meta["checkpoint_every"])
                 for sid, arrays in state.items():
                     for key, arr in arrays.items():

@@ -23,9 +23,17 @@ def bench() -> None:
 
 def _register() -> None:
     # Each command lives in its own module; they import heavy code lazily.
+    from ps.cli.cmd_bench_nn import nn
+    from ps.cli.cmd_jobs import cancel, export, list_jobs, status, submit
+    from ps.cli.cmd_run import run
+    from ps.cli.cmd_scheduler import scheduler
     from ps.cli.cmd_server import server
+    from ps.cli.cmd_train import train_local
+    from ps.cli.cmd_worker import worker
 
-    main.add_command(server)
+    for command in (scheduler, server, worker, submit, status, list_jobs, cancel, export, run, train_local):
+        main.add_command(command)
+    bench.add_command(nn)
 
 
 _register()

@@ -1,0 +1,4 @@
+"""`python -m ps.cli` is `psctl` (used by `psctl run` to start its children)."""
+from ps.cli import main
+
+main()

@@ -1,0 +1,176 @@
+"""User commands: submit, status, list, cancel, export."""
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ps.cli.common import scheduler_address
+from ps.cli.progress import ProgressBar, print_summary
+
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+# How often `--wait` asks the scheduler how the job is doing.
+POLL_INTERVAL_S = 0.5
+
+
+def _client(scheduler: str | None):
+    from worker.sched_client import SchedulerClient
+
+    return SchedulerClient(scheduler_address(scheduler), timeout_s=5.0, retries=2)
+
+
+def _call(client, msg):
+    """One request; scheduler errors and silence become one-sentence ClickExceptions."""
+    from worker.sched_client import SchedulerError, SchedulerUnavailable
+
+    try:
+        return client.request(msg).body
+    except SchedulerError as exc:
+        raise click.ClickException(exc.reason) from None
+    except SchedulerUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def load_and_check(path: str) -> dict:
+    """Validate a job file here, before anything reaches the cluster."""
+    from protocol.jobspec import SpecError, load_job_file
+
+    try:
+        spec = load_job_file(path)
+    except SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    from worker.data import DataError, parse_source
+
+    try:
+        parse_source(spec["data"]["source"])
+    except DataError as exc:
+        raise click.ClickException(f"data.source: {exc}") from None
+    return spec
+
+
+def job_summary(body: dict) -> dict:
+    """The summary object of a finished (or failing) job's status."""
+    result = body.get("result") or {}
+    return {
+        "job": body["id"], "status": body["state"], "test_accuracy": result.get("test_accuracy"),
+        "test_loss": result.get("test_loss"), "final_loss": result.get("final_loss"),
+        "steps": result.get("steps"), "wall_s": result.get("wall_s"),
+        "examples_per_s": result.get("examples_per_s"), "error": body.get("error") or "",
+    }
+
+
+def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = None) -> dict:
+    """Poll `job` until it ends, drawing the progress bar; returns its final status body."""
+    from protocol.messages import Status
+
+    bar = ProgressBar(label=job) if show else None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    try:
+        while True:
+            body = _call(client, Status(job=job))
+            if bar is not None and body.get("progress"):
+                bar.update(body["progress"])
+            if body["state"] in FINAL_STATES:
+                return body
+            if deadline is not None and time.monotonic() > deadline:
+                raise click.ClickException(f"job {job} did not finish within {timeout_s:g}s (still {body['state']})")
+            time.sleep(POLL_INTERVAL_S)  # polling a remote service, not waiting on a test
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@click.command("submit")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+@click.option("--wait", is_flag=True, help="Show a live progress bar and wait for the job to end.")
+@click.option("--json", "as_json", is_flag=True, help="With --wait: print the summary as one JSON object.")
+def submit(job_file, scheduler, wait, as_json):
+    """Submit JOB_FILE; prints the job id (with --wait, exits 0 only if the job succeeded)."""
+    from protocol.messages import Submit
+
+    spec = load_and_check(job_file)
+    client = _client(scheduler)
+    job = _call(client, Submit(spec=spec))["job"]
+    if not wait:
+        click.echo(json.dumps({"job": job}) if as_json else job)
+        return
+    click.echo(f"submitted {job}", err=True)
+    body = wait_for(client, job)
+    summary = job_summary(body)
+    print_summary(summary, as_json=as_json)
+    if body["state"] != "succeeded":
+        raise SystemExit(1)
+
+
+@click.command("status")
+@click.argument("job", required=False)
+@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+def status(job, scheduler, as_json):
+    """Show one job (clocks, staleness, progress) or, without JOB, the cluster."""
+    from protocol.messages import Status
+    from ps.cli.status_view import render_cluster, render_job
+
+    body = _call(_client(scheduler), Status(job=job or ""))
+    if as_json:
+        click.echo(json.dumps(body, sort_keys=True, default=str))
+    else:
+        click.echo(render_job(body) if job else render_cluster(body))
+
+
+@click.command("list")
+@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+@click.option("--json", "as_json", is_flag=True, help="Print the jobs as one JSON object.")
+def list_jobs(scheduler, as_json):
+    """List every job, newest first."""
+    from protocol.messages import List
+    from ps.cli.status_view import render_list
+
+    body = _call(_client(scheduler), List())
+    click.echo(json.dumps(body, sort_keys=True, default=str) if as_json else render_list(body["jobs"]))
+
+
+@click.command("cancel")
+@click.argument("job")
+@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+def cancel(job, scheduler):
+    """Cancel a queued or running job; its workers move on to the next job."""
+    from protocol.messages import Cancel
+
+    body = _call(_client(scheduler), Cancel(job=job))
+    click.echo(f"{body['job']} {body['state']}")
+
+
+@click.command("export")
+@click.argument("job")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
+              help="Write the parameters here (.npz, one array per tensor name).")
+@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+def export(job, output, scheduler):
+    """Save a job's parameters (as they are now) to an .npz file loadable by numpy.load."""
+    import numpy as np
+
+    from protocol.errors import ProtocolError
+    from protocol.messages import Export
+    from protocol.plan import Plan
+    from worker.client import ParamClient, ShardError, ShardTimeout
+
+    body = _call(_client(scheduler), Export(job=job))
+    try:
+        plan = Plan.from_wire(body["plan"])
+    except ProtocolError as exc:
+        raise click.ClickException(f"job {job}'s plan is unreadable: {exc.message}") from None
+    try:
+        with ParamClient(body["shards"], plan, job=job, timeout_s=10.0, retries=2) as client:
+            arrays = client.pull()
+    except (ShardError, ShardTimeout) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        with open(output, "wb") as fh:
+            np.savez(fh, **arrays)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+    total = sum(a.nbytes for a in arrays.values())
+    click.echo(f"wrote {len(arrays)} tensors ({total:,} bytes) of {job} ({body['state']}) to {output}")

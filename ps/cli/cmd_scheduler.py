@@ -1,0 +1,52 @@
+"""`psctl scheduler`: run the scheduler daemon."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from ps.cli.common import announce_ready, check_address, on_stop_signals
+
+
+def _default_bind() -> str:
+    # ps-lite / MXNet / BytePS users set DMLC_PS_ROOT_PORT for the scheduler.
+    port = os.environ.get("DMLC_PS_ROOT_PORT")
+    return f"tcp://0.0.0.0:{port}" if port and port.isdigit() else "tcp://127.0.0.1:0"
+
+
+@click.command("scheduler")
+@click.option("--bind", default=None, help="Address to listen on (default tcp://127.0.0.1:0, a free port; "
+                                           "or tcp://0.0.0.0:$DMLC_PS_ROOT_PORT).")
+@click.option("--state-dir", type=click.Path(file_okay=False), required=True,
+              help="Directory for the durable job registry (sqlite).")
+@click.option("--heartbeat-timeout", type=click.FloatRange(0.5, 3600), default=6.0, show_default=True,
+              help="Seconds of silence after which a peer is dead.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics here.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def scheduler(bind, state_dir, heartbeat_timeout, metrics_port, log_level):
+    """Run the scheduler: durable jobs, membership, assignments (blocks until stopped)."""
+    from protocol.logfmt import setup_logging
+    from ps.scheduler import Scheduler
+    from ps.transport import BindError
+
+    setup_logging("scheduler", log_level)
+    bind = check_address(bind or _default_bind(), "--bind")
+    try:
+        os.makedirs(state_dir, exist_ok=True)
+        sched = Scheduler(bind, state_dir, heartbeat_timeout_s=heartbeat_timeout)
+    except BindError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot use state dir {state_dir}: {exc.strerror}") from None
+    metrics = None
+    if metrics_port is not None:
+        from ps.metrics_http import serve_metrics
+        try:
+            metrics = serve_metrics(sched.metrics, metrics_port)
+        except OSError as exc:
+            sched.close()
+            raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
+    on_stop_signals(sched.stop)
+    announce_ready(role="scheduler", addr=sched.endpoint, state_dir=str(state_dir),
+                   metrics_port=metrics.server_address[1] if metrics else None)
+    sched.serve()

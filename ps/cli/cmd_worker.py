@@ -1,0 +1,45 @@
+"""`psctl worker`: run a worker daemon."""
+from __future__ import annotations
+
+import signal
+
+import click
+
+from ps.cli.common import announce_ready, scheduler_address
+
+
+@click.command("worker")
+@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER, or DMLC_PS_ROOT_URI/PORT).")
+@click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True,
+              help="numpy on the CPU, cupy on a GPU, or a GPU if one works.")
+@click.option("--worker-id", default=None, help="A stable id for this worker (default: host-pid-random).")
+@click.option("--slowdown", type=click.FloatRange(1.0, 1000.0), default=1.0, show_default=True,
+              help="Experiments only: make every step this many times slower (a straggler).")
+@click.option("--max-tasks", type=click.IntRange(1), default=None, help="Exit after this many assignments.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+def worker(scheduler, device, worker_id, slowdown, max_tasks, log_level):
+    """Run a worker: take assignments from the scheduler and train (blocks until stopped)."""
+    from protocol.logfmt import setup_logging
+    from worker.daemon import WorkerDaemon
+    from worker.device import DeviceError, select_device
+    from worker.sched_client import SchedulerUnavailable
+
+    setup_logging("worker", log_level)
+    addr = scheduler_address(scheduler)
+    try:
+        dev = select_device(device)
+    except DeviceError as exc:
+        raise click.ClickException(str(exc)) from None
+    daemon = WorkerDaemon(addr, dev, worker_id=worker_id, slowdown=slowdown, max_tasks=max_tasks)
+
+    def on_signal(signum, frame):
+        daemon.stop()
+        raise SystemExit(0)  # interrupts a blocking wait; a step in flight is simply lost (workers are stateless)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    announce_ready(role="worker", worker=daemon.worker, scheduler=addr, device=dev.name)
+    try:
+        daemon.serve()
+    except SchedulerUnavailable as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,367 @@
+"""Consistency policies (ASP, BSP, SSP) as pure state machines.
+
+A shard keeps one Policy per job and feeds it events: a push, a pull, a new
+membership. Each event returns the list of actions the shard performs, in
+order: first the event's own action (Apply / Accumulate / Answer / Park /
+Refuse), then a completed barrier (ApplyMean), then parked pulls that may now
+go (Release). The policy holds no sockets, clocks or threads (STYLE.md,
+habit 5); `push` / `pull` tokens are opaque, hashable objects the shard
+supplies and gets back in the actions.
+
+Clocks: a worker's clock is the number of steps it has completed. A push for
+step t carries clock t and moves the worker to clock t+1. A pull carries the
+step the worker is about to compute; clock -1 is a plain read, answered at
+once under every policy, from anyone.
+
+Membership: before the first membership (epoch 0, "open" mode) anyone may
+push and pull, and a worker enters the clock table at its first clocked push
+or pull. From the first membership on, only its workers are live; anyone
+else is refused with NOT_MEMBER. A worker that joins takes the start clock
+the membership gives it; with -1 (no start given) it takes, under BSP, the
+open step (`version`), and under ASP/SSP the slowest clock among the workers
+that stay, else the slowest clock the table had before this membership, else
+0. Under BSP a joining worker always takes `version` (it joins the open
+barrier, whatever start it was given), and so does a worker that enters the
+table in open mode: any other clock could never push the open step and would
+block the barrier for good.
+
+Open mode under BSP counts only the workers the table has seen: a barrier
+completes once every worker seen so far has pushed. A job with more than one
+worker should send a membership before its first push.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from protocol.errors import ErrorCode
+
+# --- actions -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Apply:
+    """ASP/SSP: apply this push's gradient now, on its own. `staleness`: how
+    many updates landed since the version the gradient was computed from."""
+
+    push: object
+    staleness: int
+
+
+@dataclass(frozen=True)
+class Accumulate:
+    """BSP: add this push's gradient into the sum of step `step`."""
+
+    push: object
+    step: int
+
+
+@dataclass(frozen=True)
+class ApplyMean:
+    """BSP: apply step `step`'s sum / `count` as ONE update; the version is
+    now step + 1."""
+
+    step: int
+    count: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Answer this pull now with the current parameters and version."""
+
+    pull: object
+
+
+@dataclass(frozen=True)
+class Park:
+    """Hold this pull; a later Release (or Refuse) names it again."""
+
+    pull: object
+
+
+@dataclass(frozen=True)
+class Release:
+    """Answer these parked pulls now, in this order (their arrival order)."""
+
+    pulls: tuple
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Answer `request` (a push or pull token) with an error; nothing was
+    counted or changed."""
+
+    request: object
+    code: ErrorCode
+    message: str
+
+
+# --- policies ----------------------------------------------------------------
+
+class Policy:
+    """Clock table, version and parked pulls of one job; the base of ASP,
+    BSP and SSP, which differ in how far ahead a pull may read (`_horizon`)
+    and in what a push does."""
+
+    name = ""
+
+    def __init__(self, staleness: int = 0):
+        self.staleness = staleness
+        self.version = 0        # ASP/SSP: pushes applied; BSP: barriers completed
+        self.epoch = 0          # latest membership epoch; 0 = open mode
+        self.clocks: dict[str, int] = {}
+        self.pending = 0        # BSP: pushes accumulated into the open step
+        self._parked: dict[object, tuple[str, int]] = {}  # token -> (worker, clock), arrival order
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(staleness={self.staleness}, version={self.version}, "
+                f"epoch={self.epoch}, clocks={self.clocks}, parked={len(self._parked)})")
+
+    # --- what the subclasses decide ---
+
+    def _horizon(self) -> int | None:
+        """The highest pull clock answerable now (None: any)."""
+        return None
+
+    def _entry_clock(self, clock: int) -> int:
+        """Clock of a worker that enters the table in open mode with a
+        clocked message carrying `clock`."""
+        return clock
+
+    def _start_clock(self, start: int, stay: Mapping[str, int], before: Mapping[str, int]) -> int:
+        """Clock of a worker that joins through a membership with `start`."""
+        if start >= 0:
+            return start
+        return min(stay.values(), default=min(before.values(), default=0))
+
+    def _check_push(self, worker: str, clock: int, push: object) -> Refuse | None:
+        return None
+
+    def _accept_push(self, worker: str, clock: int, push: object, base_version: int) -> list:
+        """ASP/SSP: apply at once; a clocked push moves the clock to t+1."""
+        staleness = max(0, self.version - base_version) if base_version >= 0 else 0
+        self.version += 1
+        if clock >= 0:
+            self.clocks[worker] = clock + 1
+        return [Apply(push, staleness)]
+
+    def _barrier(self) -> list:
+        return []
+
+    # --- events ---
+
+    def on_push(self, worker: str, clock: int, push: object, *, base_version: int = -1) -> list:
+        """A gradient for step `clock` (-1: unclocked) from `worker`."""
+        if self.epoch > 0 and worker not in self.clocks:
+            return [self._not_member(push, worker)]
+        if clock < -1:
+            return [Refuse(push, ErrorCode.BAD_CLOCK,
+                           f"clock {clock} is not a step: expected -1 or a clock >= 0")]
+        known = self.clocks.get(worker)
+        if clock >= 0 and known is not None and clock < known:
+            return [Refuse(push, ErrorCode.BAD_CLOCK,
+                           f"worker {worker!r} pushed step {clock} but has completed {known} steps "
+                           f"already: expected {self._expected(worker)}")]
+        refusal = self._check_push(worker, clock, push)
+        if refusal is not None:
+            return [refusal]
+        return self._accept_push(worker, clock, push, base_version) + self._barrier() + self._release()
+
+    def on_pull(self, worker: str, clock: int, pull: object) -> list:
+        """A request for the parameters to compute step `clock` (-1: a plain read)."""
+        if clock == -1:
+            return [Answer(pull)]
+        if clock < -1:
+            return [Refuse(pull, ErrorCode.BAD_CLOCK,
+                           f"clock {clock} is not a step: expected -1 or a clock >= 0")]
+        if worker not in self.clocks:
+            if self.epoch > 0:
+                return [self._not_member(pull, worker)]
+            # Entering can only lower the slowest clock: nothing parked can go.
+            self.clocks[worker] = self._entry_clock(clock)
+        horizon = self._horizon()
+        if horizon is None or clock <= horizon:
+            return [Answer(pull)]
+        self._parked[pull] = (worker, clock)
+        return [Park(pull)]
+
+    def on_membership(self, epoch: int, workers: Mapping[str, int]) -> list:
+        """The live workers of a new epoch, each with its start clock (-1:
+        the policy's default). An epoch not newer than the current one is
+        ignored. Parked pulls of workers that left are refused; barriers and
+        parked pulls are re-evaluated against the new live set at once."""
+        if epoch <= self.epoch:
+            return []
+        before = self.clocks
+        stay = {w: c for w, c in before.items() if w in workers}
+        self.clocks = {w: stay[w] if w in stay else self._start_clock(int(start), stay, before)
+                       for w, start in workers.items()}
+        self.epoch = epoch
+        actions: list = []
+        for token, (worker, _) in list(self._parked.items()):
+            if worker not in self.clocks:
+                del self._parked[token]
+                actions.append(Refuse(token, ErrorCode.NOT_MEMBER,
+                                      f"worker {worker!r} left the job in membership epoch {epoch}"))
+        return actions + self._barrier() + self._release()
+
+    def forget(self, pull: object) -> None:
+        """Drop a parked pull the shard abandoned (its peer is gone)."""
+        self._parked.pop(pull, None)
+
+    # --- views ---
+
+    def parked(self) -> dict:
+        """token -> (worker, clock) of every parked pull, in arrival order."""
+        return dict(self._parked)
+
+    def min_clock(self) -> int | None:
+        """The slowest live clock (None when no worker is live)."""
+        return min(self.clocks.values(), default=None)
+
+    def state(self) -> dict:
+        """Everything but the parked pulls, msgpack-able, for checkpoints."""
+        return {"name": self.name, "staleness": self.staleness, "version": self.version,
+                "epoch": self.epoch, "clocks": dict(self.clocks), "open": self.epoch == 0,
+                "pending": self.pending}
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> Policy:
+        """Rebuild a policy from `state()` (on Policy: of the kind it names;
+        on a subclass: of that kind only). Parked pulls are not restored:
+        their requesters retry. Raises ValueError on a state it cannot read."""
+        kind = POLICIES.get(state.get("name"))
+        if kind is None or (cls is not Policy and kind is not cls):
+            expected = ", ".join(POLICIES) if cls is Policy else cls.name
+            raise ValueError(f"policy state.name: expected one of {expected}, found {state.get('name')!r}")
+        try:
+            policy = kind(int(state["staleness"])) if kind is SSP else kind()
+            policy.version = int(state["version"])
+            policy.epoch = int(state["epoch"])
+            policy.clocks = {str(w): int(c) for w, c in state["clocks"].items()}
+            policy.pending = int(state.get("pending", 0))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"policy state: cannot read it ({type(exc).__name__}: {exc})") from None
+        return policy
+
+    # --- helpers ---
+
+    def _release(self) -> list:
+        if not self._parked:
+            return []
+        horizon = self._horizon()
+        ready = tuple(t for t, (_, c) in self._parked.items() if horizon is None or c <= horizon)
+        for token in ready:
+            del self._parked[token]
+        return [Release(ready)] if ready else []
+
+    def _expected(self, worker: str) -> str:
+        known = self.clocks.get(worker)
+        return "a clock >= 0" if known is None else f"a clock >= {known}"
+
+    def _not_member(self, request: object, worker: str) -> Refuse:
+        return Refuse(request, ErrorCode.NOT_MEMBER,
+                      f"worker {worker!r} is not a member of the job in membership epoch {self.epoch}")
+
+
+class ASP(Policy):
+    """Asynchronous: every push is applied at once, every pull answered at once."""
+
+    name = "asp"
+
+    def __init__(self, staleness: int = 0):
+        super().__init__(0)
+
+
+class SSP(Policy):
+    """Bounded staleness s: pushes as in ASP; a pull at clock c is answered
+    only while the slowest live clock is >= c - s, else parked."""
+
+    name = "ssp"
+
+    def __init__(self, staleness: int = 3):
+        super().__init__(staleness)
+
+    def _horizon(self) -> int | None:
+        slowest = self.min_clock()
+        return None if slowest is None else slowest + self.staleness
+
+    def _check_push(self, worker: str, clock: int, push: object) -> Refuse | None:
+        if clock == -1:
+            return Refuse(push, ErrorCode.BAD_CLOCK,
+                          f"ssp needs the step of every push; worker {worker!r} sent clock -1: "
+                          f"expected {self._expected(worker)}")
+        return None
+
+
+class BSP(Policy):
+    """Synchronous: pushes for the open step `version` are summed; once every
+    live worker has pushed it, one ApplyMean, and pulls up to the new version
+    are released. A pull at clock c waits until version >= c."""
+
+    name = "bsp"
+
+    def __init__(self, staleness: int = 0):
+        super().__init__(0)
+
+    def _horizon(self) -> int | None:
+        return self.version
+
+    def _entry_clock(self, clock: int) -> int:
+        return self.version
+
+    def _start_clock(self, start: int, stay: Mapping[str, int], before: Mapping[str, int]) -> int:
+        return self.version
+
+    def _expected(self, worker: str) -> str:
+        if self.clocks.get(worker, self.version) > self.version:
+            return f"clock {self.version + 1} once step {self.version} completes"
+        return f"clock {self.version}"
+
+    def _check_push(self, worker: str, clock: int, push: object) -> Refuse | None:
+        if clock != self.version:
+            return Refuse(push, ErrorCode.BAD_CLOCK,
+                          f"bsp is at step {self.version}; worker {worker!r} pushed "
+                          f"{'no step (clock -1)' if clock == -1 else f'step {clock}'}: "
+                          f"expected {self._expected(worker)}")
+        return None
+
+    def _accept_push(self, worker: str, clock: int, push: object, base_version: int) -> list:
+        # Past _check_push and the stale check, clock == version and the
+        # worker's own clock (if known) is version too.
+        self.clocks[worker] = clock + 1
+        self.pending += 1
+        return [Accumulate(push, clock)]
+
+    def _barrier(self) -> list:
+        # An empty live set with pushes pending applies them too: an
+        # acknowledged push is never lost.
+        if self.pending == 0 or any(c <= self.version for c in self.clocks.values()):
+            return []
+        action = ApplyMean(self.version, self.pending)
+        self.version += 1
+        self.pending = 0
+        return [action]
+
+
+POLICIES: dict[str, type[Policy]] = {"asp": ASP, "bsp": BSP, "ssp": SSP}
+CONSISTENCY_DEFAULTS = {"policy": "asp", "staleness": 3}
+
+
+def make_policy(spec: Mapping | None) -> Policy:
+    """Build the policy of a `consistency:` spec (missing fields take their
+    defaults). Raises ValueError with one sentence naming a bad field."""
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, Mapping):
+        # ValueError like every other bad spec field: callers catch one type.
+        raise ValueError(f"consistency: expected a map, found {spec!r}")  # noqa: TRY004
+    for key in spec:
+        if key not in CONSISTENCY_DEFAULTS:
+            raise ValueError(f"consistency.{key}: unknown field (known: {', '.join(CONSISTENCY_DEFAULTS)})")
+    s = {**CONSISTENCY_DEFAULTS, **spec}
+    if not isinstance(s["policy"], str) or s["policy"] not in POLICIES:
+        raise ValueError(f"consistency.policy: expected one of {', '.join(POLICIES)}, found {s['policy']!r}")
+    st = s["staleness"]
+    if isinstance(st, bool) or not isinstance(st, int) or st < 0:
+        raise ValueError(f"consistency.staleness: expected an integer >= 0, found {st!r}")
+    return SSP(st) if s["policy"] == "ssp" else POLICIES[s["policy"]]()

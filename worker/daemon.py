@@ -1,0 +1,97 @@
+"""The worker daemon (`psctl worker`): register, take assignments, run them, repeat.
+
+Stateless by design: everything it learns comes from the scheduler
+(assignments) and the shards (parameters, clocks). Killing it loses
+nothing but the step in progress.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket as pysocket
+import threading
+
+import zmq
+
+from protocol.messages import Assign, Register
+from worker.client import default_worker_id
+from worker.heartbeat import HeartbeatThread
+from worker.sched_client import SchedulerClient, SchedulerError, SchedulerUnavailable
+from worker.task import DataCache, Task
+
+log = logging.getLogger("pscluster.worker")
+
+# How long one `assign` may be held by the scheduler when there is no work.
+ASSIGN_WAIT_S = 10.0
+
+
+class WorkerDaemon:
+    """One worker process. `serve()` blocks until `stop()` (or SIGTERM via the CLI)."""
+
+    def __init__(self, scheduler: str, device, *, worker_id: str | None = None, ctx: zmq.Context | None = None,
+                 slowdown: float = 1.0, max_tasks: int | None = None):
+        self.scheduler = scheduler
+        self.device = device
+        self.worker = worker_id or default_worker_id()
+        self.ctx = ctx or zmq.Context.instance()
+        self.slowdown = slowdown
+        self.max_tasks = max_tasks
+        self.sched = SchedulerClient(scheduler, ctx=self.ctx, worker=self.worker)
+        self.heartbeat = HeartbeatThread(scheduler, self.worker, ctx=self.ctx)
+        self.data = DataCache()
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Leave after the current step (the task sees the stop like a scheduler's)."""
+        self._stopping.set()
+        self.heartbeat.stop_requested.set()
+
+    def register(self) -> None:
+        self.sched.request(Register(role="worker", info={"host": pysocket.gethostname(), "pid": os.getpid(),
+                                                         "device": self.device.name}), timeout_s=5.0, retries=5)
+        self.heartbeat.reregister_needed.clear()
+        log.info("registered", extra={"worker": self.worker, "scheduler": self.scheduler, "device": self.device.name})
+
+    def serve(self) -> None:
+        """Take and run assignments until stopped. Raises SchedulerUnavailable if the scheduler never answers."""
+        self.register()
+        self.heartbeat.start()
+        done = 0
+        try:
+            while not self._stopping.is_set():
+                if self.max_tasks is not None and done >= self.max_tasks:
+                    return
+                assignment = self._next_assignment()
+                if assignment is None:
+                    continue
+                self.heartbeat.report(assignment["job"], {"partition": assignment["partition"]})
+                if self._stopping.is_set():
+                    self.heartbeat.stop_requested.set()
+                task = Task(assignment, worker=self.worker, device=self.device, sched=self.sched,
+                            heartbeat=self.heartbeat, ctx=self.ctx, data=self.data, slowdown=self.slowdown)
+                outcome = task.run()
+                log.info("assignment ended", extra={"job": assignment["job"], "task": assignment["task"],
+                                                    "outcome": outcome.status, "detail": outcome.detail})
+                self.heartbeat.report("", {})
+                done += 1
+        finally:
+            self.heartbeat.close()
+            self.sched.close()
+
+    def _next_assignment(self) -> dict | None:
+        if self.heartbeat.reregister_needed.is_set():
+            self.register()
+        try:
+            reply = self.sched.request(Assign(wait_s=ASSIGN_WAIT_S), timeout_s=ASSIGN_WAIT_S + 5.0, retries=2)
+        except SchedulerError as exc:
+            if exc.code.value == "bad_state":  # the scheduler restarted and forgot us
+                self.register()
+                return None
+            raise
+        except SchedulerUnavailable:
+            if self._stopping.is_set():
+                return None
+            log.warning("scheduler unavailable; retrying", extra={"scheduler": self.scheduler})
+            return None
+        task = reply.body.get("task")
+        return reply.body if task else None

@@ -1,0 +1,163 @@
+"""Benchmark of the backprop library: train_step throughput against the
+array module's own matmul speed, measured in the same run.
+
+FLOP count (documented so that "gflops" means one thing): only the matmuls
+of one train_step are counted, 2*M*N*K each, exactly those the pass runs:
+
+- Dense (batch N, in I, out O): forward x@W 2NIO, dW = x.T@dout 2NIO, and
+  dx = dout@W.T 2NIO except in the first learned layer, whose input gradient
+  is never computed;
+- Conv2D via im2col (Cout, K = Cin*k*k, P = N*Ho*Wo positions): forward
+  2*Cout*K*P, dW 2*Cout*K*P, dcols 2*Cout*K*P (again not for the first conv).
+
+Bias adds, activations, softmax, BatchNorm, pooling and im2col copies are
+real work but are not counted, so `ratio` = achieved GFLOP/s over matmul
+GFLOP/s is the share of the step that goes to useful matmul speed.
+
+"matmul_gflops" times the MLP's own matmuls (the same shapes and transposed
+operands as its forward and backward, into preallocated outputs) on their
+own: the ceiling a numpy/cupy MLP step can reach on this machine.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from worker.device import select_device
+from worker.nn.conv import Conv2D
+from worker.nn.layers import Dense
+from worker.nn.model import Model, build_model
+
+BATCH = 256
+NUM_CLASSES = 10
+REPEATS = 7  # median of this many timed blocks per figure
+WARMUP_CALLS = 2
+
+MLP_SPEC = {"kind": "mlp", "hidden": [1024, 1024], "activation": "relu",
+            "dropout": 0.0, "batchnorm": False, "init": "he"}
+MLP_INPUT = (784,)
+CNN_SPEC = {"kind": "cnn", "channels": [8, 16], "kernel": 3, "hidden": [64],
+            "activation": "relu", "dropout": 0.0, "batchnorm": False, "init": "he"}
+CNN_INPUT = (1, 28, 28)
+
+
+def train_step_flops(model: Model) -> int:
+    """Matmul FLOPs of the model's last train_step (see the module docstring)."""
+    flops = 0
+    seen_learned = False
+    for layer in model.layers:
+        if isinstance(layer, Dense):
+            n, i = layer._x.shape
+            o = layer.params["W"].shape[1]
+            flops += 2 * n * i * o * (3 if seen_learned else 2)
+        elif isinstance(layer, Conv2D):
+            k, positions = layer._cols.shape  # (C*k*k, N*Ho*Wo)
+            flops += 2 * layer.out_channels * k * positions * (3 if seen_learned else 2)
+        seen_learned = seen_learned or bool(layer.params)
+    return flops
+
+
+def _interleaved_seconds(
+    fns: dict[str, Callable[[], Any]], sync: Callable[[], None], min_time_s: float
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, REPEATS times, the functions taking
+    turns within each repeat so that a load change on a shared machine hits
+    them alike. Each function gets about min_time_s of timed calls in all."""
+    calls = {}
+    for name, fn in fns.items():
+        for _ in range(WARMUP_CALLS):
+            fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        once = max(time.perf_counter() - start, 1e-9)
+        calls[name] = max(1, math.ceil(min_time_s / REPEATS / once))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(REPEATS):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / calls[name])
+    return times
+
+
+def _mlp_matmuls(xp: Any, batch: int, widths: list[int]) -> tuple[Callable[[], None], int]:
+    """A function running the MLP's forward and backward matmuls, and their FLOPs."""
+    rng = np.random.default_rng(0)
+
+    def rand(*shape: int) -> Any:
+        return xp.asarray(rng.standard_normal(shape, dtype=np.float32))
+
+    calls: list[tuple[Any, Any, Any]] = []
+    flops = 0
+    for index, (i, o) in enumerate(itertools.pairwise(widths)):
+        x, w, dout = rand(batch, i), rand(i, o), rand(batch, o)
+        calls.append((x, w, xp.empty((batch, o), np.float32)))  # forward
+        calls.append((x.T, dout, xp.empty((i, o), np.float32)))  # dW
+        flops += 4 * batch * i * o
+        if index > 0:
+            calls.append((dout, w.T, xp.empty((batch, i), np.float32)))  # dx
+            flops += 2 * batch * i * o
+
+    def run() -> None:
+        for a, b, out in calls:
+            xp.matmul(a, b, out=out)
+
+    return run, flops
+
+
+def run_nn_bench(device: str = "cpu", *, min_time_s: float = 1.0) -> list[dict[str, Any]]:
+    """Time train_step of the benchmark MLP and CNN; one row per model.
+
+    Rows: model, batch, examples_per_s, gflops, matmul_gflops, ratio (the
+    median over repeats of gflops / matmul_gflops, each pair timed back to
+    back), plus ms_per_step, flops_per_step and device. Takes about
+    3 * min_time_s plus warm-up. Raises DeviceError when `device` cannot be used.
+    """
+    dev = select_device(device)
+    xp = dev.xp
+    widths = [MLP_INPUT[0], *MLP_SPEC["hidden"], NUM_CLASSES]
+    matmuls, matmul_flops = _mlp_matmuls(xp, BATCH, widths)
+    cases = {
+        f"mlp {'-'.join(map(str, widths))}": (MLP_SPEC, MLP_INPUT),
+        "cnn 1x28x28 c[8,16] h[64]": (CNN_SPEC, CNN_INPUT),
+    }
+    rng = np.random.default_rng(1)
+    models: dict[str, Model] = {}
+    fns: dict[str, Callable[[], Any]] = {"matmul": matmuls}
+    for label, (spec, shape) in cases.items():
+        model = build_model(spec, shape, NUM_CLASSES, seed=0, xp=xp)
+        x = xp.asarray(rng.standard_normal((BATCH, *shape), dtype=np.float32))
+        y = xp.asarray(rng.integers(0, NUM_CLASSES, BATCH))
+        models[label] = model
+        fns[label] = functools.partial(model.train_step, x, y)
+    times = _interleaved_seconds(fns, dev.synchronize, min_time_s)
+    matmul_gflops = matmul_flops / statistics.median(times["matmul"]) / 1e9
+
+    rows = []
+    for label, model in models.items():
+        flops = train_step_flops(model)
+        seconds = statistics.median(times[label])
+        ratios = [(flops / t) / (matmul_flops / m) for t, m in zip(times[label], times["matmul"])]
+        rows.append({
+            "model": label,
+            "batch": BATCH,
+            "examples_per_s": BATCH / seconds,
+            "gflops": flops / seconds / 1e9,
+            "matmul_gflops": matmul_gflops,
+            "ratio": statistics.median(ratios),
+            "ms_per_step": seconds * 1e3,
+            "flops_per_step": flops,
+            "device": dev.name,
+        })
+    return rows

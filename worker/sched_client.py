@@ -1,0 +1,82 @@
+"""A request/reply client for the scheduler (Lazy Pirate), used by workers and `psctl`.
+
+Blocking: `request` sends, waits up to `timeout_s` for the answer, and on
+silence re-sends the same request on a fresh socket, `retries` times, then
+raises SchedulerUnavailable naming the address. An `error` reply raises
+SchedulerError with its code and sentence.
+"""
+from __future__ import annotations
+
+import itertools
+
+import zmq
+
+from protocol.codec import decode, encode, raise_if_error
+from protocol.errors import ProtocolError
+from protocol.messages import Message, Ok
+
+REQUEST_TIMEOUT_S = 5.0
+REQUEST_RETRIES = 2
+
+
+class SchedulerUnavailable(ConnectionError):
+    """The scheduler did not answer."""
+
+
+class SchedulerError(RuntimeError):
+    """The scheduler refused a request; `code` and `reason` say why."""
+
+    def __init__(self, exc: ProtocolError):
+        super().__init__(exc.message)
+        self.code = exc.code
+        self.reason = exc.message
+
+
+class SchedulerClient:
+    """One DEALER to the scheduler; one request at a time. Not thread-safe."""
+
+    def __init__(self, addr: str, *, ctx: zmq.Context | None = None, worker: str = "",
+                 timeout_s: float = REQUEST_TIMEOUT_S, retries: int = REQUEST_RETRIES):
+        self.addr = addr
+        self.ctx = ctx or zmq.Context.instance()
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._rids = itertools.count(1)
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = self.ctx.socket(zmq.DEALER)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.addr)
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def request(self, msg: Message, *, timeout_s: float | None = None, retries: int | None = None) -> Ok:
+        """Send `msg` (rid and worker filled in) and return the `ok` reply."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        retries = self.retries if retries is None else retries
+        rid = next(self._rids)
+        frames = encode(type(msg)(**{**msg.__dict__, "rid": rid, "worker": msg.worker or self.worker}))
+        for attempt in range(retries + 1):
+            sock = self._socket()
+            sock.send_multipart(frames, copy=False)
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            deadline_ms = int(timeout_s * 1000)
+            while poller.poll(deadline_ms):
+                reply = decode(sock.recv_multipart())
+                if reply.rid != rid:
+                    continue  # an answer to an earlier, abandoned request
+                try:
+                    return raise_if_error(reply)
+                except ProtocolError as exc:
+                    raise SchedulerError(exc) from None
+            self.close()  # Lazy Pirate: a fresh socket for the retry
+        raise SchedulerUnavailable(f"the scheduler at {self.addr} did not answer '{msg.OP}' "
+                                   f"within {timeout_s:g}s ({retries} retries)")
