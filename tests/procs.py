@@ -18,6 +18,17 @@ from pathlib import Path
 
 PSCTL = str(Path(sys.executable).parent / "psctl")
 READY_TIMEOUT_S = 30.0
+# Several processes share 2 cores in these tests; threaded BLAS on small
+# matrices only makes them fight (see ps/cli/cmd_run.py).
+QUIET_BLAS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for key, value in QUIET_BLAS.items():
+        env.setdefault(key, value)
+    env.update(extra or {})
+    return env
 
 
 class Proc:
@@ -26,10 +37,8 @@ class Proc:
     def __init__(self, args: list[str], *, env: dict | None = None, cwd: str | None = None):
         self.args = args
         self.stderr_file = tempfile.NamedTemporaryFile(prefix="psctl-", suffix=".log", delete=False)
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-        full_env.update(env or {})
         self.popen = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.stderr_file, env=full_env, cwd=cwd,
+            args, stdout=subprocess.PIPE, stderr=self.stderr_file, env=child_env(env), cwd=cwd,
             start_new_session=True,  # its own process group: we can signal it and its children
         )
         self._buf = b""
@@ -149,7 +158,5 @@ class ProcGroup:
 def run_psctl(*args: str, timeout: float = 120.0, env: dict | None = None,
               input: str | None = None) -> subprocess.CompletedProcess:
     """Run one psctl command to completion (bounded), capturing its output."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1")
-    full_env.update(env or {})
-    return subprocess.run([PSCTL, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+    return subprocess.run([PSCTL, *args], capture_output=True, text=True, timeout=timeout, env=child_env(env),
                           input=input)

@@ -1,0 +1,109 @@
+"""`psctl run`: a whole local cluster for one job, and nothing left behind.
+
+After it returns (success, failure, or SIGINT) none of the processes it
+started may still be alive: they are found by the scheduler address and
+state directory in their command lines.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.procs import PSCTL, child_env, run_psctl
+
+JOB = {
+    "name": "local", "seed": 1, "workers": 2, "steps": 120,
+    "model": {"kind": "mlp", "hidden": [64]},
+    "data": {"source": "sklearn:digits", "batch_size": 32},
+    "optimizer": {"kind": "momentum", "lr": 0.02},
+    "consistency": {"policy": "asp"},
+}
+
+
+def write_job(tmp_path, **changes) -> str:
+    spec = {**JOB, **changes}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose command line contains any needle."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(") ", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and any(n in cmd for n in needles if n):
+            found.append((int(entry.name), cmd))
+    return found
+
+
+def scheduler_addr(stderr: str) -> str:
+    m = re.search(r"scheduler (tcp://[0-9.]+:\d+)", stderr)
+    assert m, stderr
+    return m.group(1)
+
+
+def test_run_succeeds_prints_json_and_leaves_nothing(tmp_path):
+    state = tmp_path / "state"
+    result = run_psctl("run", write_job(tmp_path), "--json", "--state-dir", str(state), timeout=180)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("job", "status", "test_accuracy", "final_loss", "steps", "wall_s", "examples_per_s"):
+        assert key in summary
+    assert summary["status"] == "succeeded" and summary["test_accuracy"] > 0.9
+    assert "loss" in result.stderr and "ex/s" in result.stderr  # the progress line
+    assert processes_mentioning(str(state), scheduler_addr(result.stderr)) == []
+    assert sorted(p.name for p in state.iterdir()) == ["scheduler", "scheduler.log", "server-0.log",
+                                                       "worker-0.log", "worker-1.log"]
+
+
+def test_run_of_a_failing_job_exits_nonzero_and_leaves_nothing(tmp_path):
+    state = tmp_path / "state"
+    job = write_job(tmp_path, data={"source": f"npz:{tmp_path}/absent.npz"})
+    result = run_psctl("run", job, "--json", "--state-dir", str(state), timeout=180)
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "failed" and "absent.npz" in summary["error"]
+    assert processes_mentioning(str(state), scheduler_addr(result.stderr)) == []
+
+
+def test_run_interrupted_stops_everything(tmp_path):
+    state = tmp_path / "state"
+    job = write_job(tmp_path, steps=1_000_000)
+    proc = subprocess.Popen([PSCTL, "run", job, "--state-dir", str(state)], stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=child_env(), text=True)
+    try:
+        line = ""
+        deadline = time.monotonic() + 120
+        while "local cluster:" not in line and time.monotonic() < deadline:
+            line = proc.stderr.readline()  # the cluster is up once this line is printed
+            assert line or proc.poll() is None, "psctl run ended early"
+        addr = scheduler_addr(line)
+        assert len(processes_mentioning(addr)) == 3  # one server and two workers point at it
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130
+    assert processes_mentioning(str(state), addr) == []
+
+
+def test_run_with_a_bad_file_is_one_sentence(tmp_path):
+    result = run_psctl("run", str(tmp_path / "none.yaml"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "none.yaml" in result.stderr
