@@ -30,9 +30,12 @@ class SchedulerOps:
 
         now = self.now()
         if msg.role == "server":
-            if msg.shard < 0 or not msg.addr:
-                raise ProtocolError(ErrorCode.BAD_FIELD, "a server registers with its shard id and address",
-                                    rid=msg.rid)
+            if not msg.addr:
+                raise ProtocolError(ErrorCode.BAD_FIELD, "a server registers with its address", rid=msg.rid)
+            shard = msg.shard
+            if shard < 0:  # no --shard-id: the lowest id no live server holds
+                shard = next(k for k in range(len(self.servers) + 1) if k not in self.servers)
+            msg = type(msg)(**{**msg.__dict__, "shard": shard})
             old = self.servers.get(msg.shard)
             if old is not None and old.addr != msg.addr:
                 log.warning("shard moved", extra={"shard": msg.shard, "old": old.addr, "new": msg.addr})
@@ -49,7 +52,8 @@ class SchedulerOps:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"role must be server or worker, found {msg.role!r:.40}",
                                 rid=msg.rid)
         self._ok(envelope, msg, {"heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
-                                 "heartbeat_timeout_s": self.heartbeat_timeout_s})
+                                 "heartbeat_timeout_s": self.heartbeat_timeout_s,
+                                 "shard": msg.shard if msg.role == "server" else -1})
 
     def on_heartbeat(self, envelope, msg) -> None:
         now = self.now()

@@ -41,6 +41,8 @@ HEARTBEAT_INTERVAL_S = 1.0
 TICK_INTERVAL_S = 0.1
 # Messages handled per wake-up before periodic work gets a turn.
 MAX_BATCH_MSGS = 256
+# How long a server without --shard-id waits for the scheduler to give it one.
+CLAIM_TIMEOUT_S = 30.0
 # Upper bounds of the staleness histogram (in versions).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -48,7 +50,7 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 class Shard:
     """One parameter-server shard. `serve()` blocks until shutdown or `stop()`."""
 
-    def __init__(self, shard_id: int, bind: str, *, ctx: zmq.Context | None = None,
+    def __init__(self, shard_id: int | None, bind: str, *, ctx: zmq.Context | None = None,
                  scheduler: str | None = None, advertise: str | None = None,
                  checkpoint_dir: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -76,6 +78,8 @@ class Shard:
             "checkpoint": self.on_checkpoint, "drop": self.on_drop, "shutdown": self.on_shutdown,
         }
         self._describe_metrics()
+        if shard_id is None:
+            self._claim_shard_id()
         if checkpoint_dir:
             self._restore_all()
 
@@ -86,7 +90,8 @@ class Shard:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         if self.scheduler_addr:
-            self._connect_scheduler()
+            if self.sched_sock is None:
+                self._connect_scheduler()
             poller.register(self.sched_sock, zmq.POLLIN)
         log.info("serving", extra={"shard": self.shard_id, "addr": self.endpoint})
         try:
@@ -413,8 +418,24 @@ class Shard:
         sock.setsockopt(zmq.SNDHWM, 100)
         sock.connect(self.scheduler_addr)
         self.sched_sock = sock
-        self._send_scheduler(Register(role="server", addr=self.advertise, shard=self.shard_id,
+        self._send_scheduler(Register(role="server", addr=self.advertise,
+                                      shard=-1 if self.shard_id is None else self.shard_id,
                                       info={"host": pysocket.gethostname(), "jobs": sorted(self.tables)}))
+
+    def _claim_shard_id(self) -> None:
+        """Ask the scheduler for a shard id (blocking, up to CLAIM_TIMEOUT_S); RuntimeError if none comes."""
+        if not self.scheduler_addr:
+            raise RuntimeError("a server without --shard-id needs --scheduler to assign it one")
+        self._connect_scheduler()
+        if self.sched_sock.poll(int(CLAIM_TIMEOUT_S * 1000)):
+            reply = decode(self.sched_sock.recv_multipart())
+            if isinstance(reply, Ok) and isinstance(reply.body.get("shard"), int):
+                self.shard_id = reply.body["shard"]
+                log.info("shard id assigned", extra={"shard": self.shard_id})
+                return
+        self.close()
+        raise RuntimeError(f"the scheduler at {self.scheduler_addr} did not assign a shard id "
+                           f"within {CLAIM_TIMEOUT_S:g}s")
 
     def _send_scheduler(self, msg: Message) -> None:
         self._rid += 1

@@ -240,3 +240,57 @@ def test_failed_job_reports_its_reason(procs, tmp_path):
     assert result.returncode == 1
     summary = json.loads(result.stdout)
     assert summary["status"] == "failed" and "nothing.npz" in summary["error"]
+
+
+def scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of every sample of `name` (any labels) in a Prometheus text page."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    assert seen, f"{name} not exported"
+    return total
+
+
+def test_every_daemon_serves_metrics(procs, tmp_path):
+    sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--metrics-port", "0")
+    addr = sched.ready["addr"]
+    server = procs.server(0, "--scheduler", addr, "--metrics-port", "0")
+    worker = procs.start("worker", "--scheduler", addr, "--metrics-port", "0")
+    summary = psctl_json("submit", job_file(tmp_path, workers=1, steps=40), "--scheduler", addr, "--wait")
+    assert summary["status"] == "succeeded"
+    server_page = scrape(server.ready["metrics_port"])
+    assert metric(server_page, "pscluster_pushes_total") == 40
+    assert metric(server_page, "pscluster_bytes_received_total") > 0
+    assert "pscluster_staleness_bucket" in server_page
+    worker_page = scrape(worker.ready["metrics_port"])
+    assert metric(worker_page, "pscluster_steps_total") == 40
+    assert 0.0 < metric(worker_page, "pscluster_test_accuracy") <= 1.0
+    sched_page = scrape(sched.ready["metrics_port"])
+    assert metric(sched_page, "pscluster_jobs_submitted_total") == 1
+    assert metric(sched_page, "pscluster_jobs_finished_total") == 1
+
+
+def test_dmlc_launch_variables(procs, tmp_path):
+    sched = procs.start("start", "--bind", "tcp://127.0.0.1:0", env={"DMLC_ROLE": "scheduler",
+                                                                      "PSCLUSTER_STATE_DIR": str(tmp_path / "s")})
+    host, port = sched.ready["addr"][len("tcp://"):].rsplit(":", 1)
+    dmlc = {"DMLC_PS_ROOT_URI": host, "DMLC_PS_ROOT_PORT": port}
+    shards = sorted(procs.start("start", "--bind", "tcp://127.0.0.1:0", env={**dmlc, "DMLC_ROLE": "server"}
+                                ).ready["shard"] for _ in range(2))
+    assert shards == [0, 1]  # no --shard-id: the scheduler numbered them
+    procs.start("start", env={**dmlc, "DMLC_ROLE": "worker"})
+    result = run_psctl("submit", job_file(tmp_path, workers=1, steps=30), "--wait", "--json", env=dmlc,
+                       timeout=WAIT_S)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "succeeded"
+    assert len(status(sched.ready["addr"], summary["job"])["shards"]) == 2

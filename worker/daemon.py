@@ -14,6 +14,7 @@ import threading
 import zmq
 
 from protocol.messages import Assign, Register
+from protocol.metrics import Registry
 from worker.client import default_worker_id
 from worker.heartbeat import HeartbeatThread
 from worker.sched_client import SchedulerClient, SchedulerError, SchedulerUnavailable
@@ -39,6 +40,8 @@ class WorkerDaemon:
         self.sched = SchedulerClient(scheduler, ctx=self.ctx, worker=self.worker)
         self.heartbeat = HeartbeatThread(scheduler, self.worker, ctx=self.ctx)
         self.data = DataCache()
+        self.metrics = Registry()
+        self._describe_metrics()
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -68,15 +71,28 @@ class WorkerDaemon:
                 if self._stopping.is_set():
                     self.heartbeat.stop_requested.set()
                 task = Task(assignment, worker=self.worker, device=self.device, sched=self.sched,
-                            heartbeat=self.heartbeat, ctx=self.ctx, data=self.data, slowdown=self.slowdown)
+                            heartbeat=self.heartbeat, ctx=self.ctx, data=self.data, slowdown=self.slowdown,
+                            metrics=self.metrics)
                 outcome = task.run()
                 log.info("assignment ended", extra={"job": assignment["job"], "task": assignment["task"],
                                                     "outcome": outcome.status, "detail": outcome.detail})
                 self.heartbeat.report("", {})
+                self.metrics.inc("assignments_total", outcome=outcome.status)
                 done += 1
         finally:
             self.heartbeat.close()
             self.sched.close()
+
+    def _describe_metrics(self) -> None:
+        m = self.metrics
+        m.describe("steps_total", "counter", "Training steps completed")
+        m.describe("examples_total", "counter", "Training examples processed")
+        m.describe("step_seconds", "histogram", "Time of one step: compute, push_pull, waits")
+        m.describe("loss", "gauge", "Training loss of the last minibatch")
+        m.describe("accuracy", "gauge", "Training accuracy of the last minibatch")
+        m.describe("test_accuracy", "gauge", "Last evaluated test accuracy")
+        m.describe("examples_per_second", "gauge", "Examples per second of the last step")
+        m.describe("assignments_total", "counter", "Assignments ended, by outcome")
 
     def _next_assignment(self) -> dict | None:
         if self.heartbeat.reregister_needed.is_set():

@@ -31,6 +31,8 @@ log = logging.getLogger("pscluster.worker")
 # Evaluate at most this often (in steps) when the job says "every epoch" and
 # epochs are tiny: evaluation of the test split must not dominate training.
 MIN_EVAL_INTERVAL_STEPS = 10
+# Upper bounds of the step-time histogram, in seconds.
+STEP_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 
 
 @dataclass
@@ -59,7 +61,7 @@ class Task:
     """Runs one assignment to its end. `run()` blocks; it raises nothing the daemon must handle."""
 
     def __init__(self, assignment: dict, *, worker: str, device, sched, heartbeat, ctx, data: DataCache,
-                 slowdown: float = 1.0):
+                 slowdown: float = 1.0, metrics=None):
         self.a = assignment
         self.job = assignment["job"]
         self.spec = assignment["spec"]
@@ -70,6 +72,7 @@ class Task:
         self.ctx = ctx
         self.data = data
         self.slowdown = max(1.0, slowdown)
+        self.metrics = metrics
         self.client: ParamClient | None = None
 
     # --- reporting ---
@@ -162,7 +165,6 @@ class Task:
         client.pull(clock=-1, out=host)
         self._load(model, host)
         step = max(max(client.clocks), 0)
-        nonlearned = set(model.nonlearned_names())
         micro = int(self.spec["data"].get("micro_batches", 1))
         examples, busy_s, started = 0, 0.0, time.perf_counter()
         loss = acc = float("nan")
@@ -190,14 +192,28 @@ class Task:
                      "examples": examples, "examples_per_s": examples / max(busy_s, 1e-9),
                      "partition": partition, "versions": list(client.versions)}
             self.heartbeat.report(self.job, state)
+            self._observe(time.perf_counter() - t0, len(x), loss, acc)
             if not math.isfinite(loss):
                 raise ValueError(f"job {self.job}: training loss is {loss} at step {step} (diverged)")
             if partition == 0 and (step % eval_every == 0 or step == steps):
                 test_loss, test_acc = evaluate(model, test, xp=self.device.xp)
+                if self.metrics is not None:
+                    self.metrics.set("test_accuracy", test_acc, job=self.job)
                 self._report("eval", {"step": step, "test_accuracy": test_acc, "test_loss": test_loss})
         self._report("done", {"step": step, "total_steps": steps, "loss": float(loss), "accuracy": float(acc),
                               "examples": examples, "wall_s": time.perf_counter() - started})
         return Outcome("done")
+
+    def _observe(self, step_s: float, examples: int, loss: float, acc: float) -> None:
+        if self.metrics is None:
+            return
+        m = self.metrics
+        m.inc("steps_total", job=self.job)
+        m.inc("examples_total", examples, job=self.job)
+        m.histogram("step_seconds", STEP_SECONDS_BUCKETS, job=self.job).observe(step_s)
+        m.set("loss", loss, job=self.job)
+        m.set("accuracy", acc, job=self.job)
+        m.set("examples_per_second", examples / max(step_s, 1e-9), job=self.job)
 
     def _load(self, model, host: dict) -> None:
         if self.device.name != "cpu":

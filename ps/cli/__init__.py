@@ -28,10 +28,11 @@ def _register() -> None:
     from ps.cli.cmd_run import run
     from ps.cli.cmd_scheduler import scheduler
     from ps.cli.cmd_server import server
+    from ps.cli.cmd_start import start
     from ps.cli.cmd_train import train_local
     from ps.cli.cmd_worker import worker
 
-    for command in (scheduler, server, worker, submit, status, list_jobs, cancel, export, run, train_local):
+    for command in (scheduler, server, worker, start, submit, status, list_jobs, cancel, export, run, train_local):
         main.add_command(command)
     bench.add_command(nn)
 

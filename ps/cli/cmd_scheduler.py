@@ -17,8 +17,8 @@ def _default_bind() -> str:
 @click.command("scheduler")
 @click.option("--bind", default=None, help="Address to listen on (default tcp://127.0.0.1:0, a free port; "
                                            "or tcp://0.0.0.0:$DMLC_PS_ROOT_PORT).")
-@click.option("--state-dir", type=click.Path(file_okay=False), required=True,
-              help="Directory for the durable job registry (sqlite).")
+@click.option("--state-dir", type=click.Path(file_okay=False), required=True, envvar="PSCLUSTER_STATE_DIR",
+              help="Directory for the durable job registry (sqlite); or PSCLUSTER_STATE_DIR.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(0.5, 3600), default=6.0, show_default=True,
               help="Seconds of silence after which a peer is dead.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics here.")

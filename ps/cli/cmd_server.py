@@ -9,7 +9,8 @@ from ps.cli.common import SIZE, announce_ready, check_address, on_stop_signals, 
 @click.command("server")
 @click.option("--bind", default="tcp://127.0.0.1:0", show_default=True,
               help="Address to listen on; port 0 picks a free one.")
-@click.option("--shard-id", type=click.IntRange(0, 65535), required=True, help="This shard's number K.")
+@click.option("--shard-id", type=click.IntRange(0, 65535), default=None, envvar="PSCLUSTER_SHARD_ID",
+              help="This shard's number K (default: the scheduler assigns the lowest free one).")
 @click.option("--scheduler", default=None, help="Scheduler to register with (or PSCLUSTER_SCHEDULER).")
 @click.option("--advertise", default=None, help="Address peers should use, if not the bound one.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
@@ -30,7 +31,7 @@ def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, m
     try:
         shard = Shard(shard_id, bind, scheduler=sched, advertise=advertise, checkpoint_dir=checkpoint_dir,
                       max_message_bytes=max_message_bytes)
-    except BindError as exc:
+    except (BindError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     metrics = None
     if metrics_port is not None:
@@ -41,6 +42,6 @@ def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, m
             shard.close()
             raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
     on_stop_signals(shard.stop)
-    announce_ready(role="server", shard=shard_id, addr=shard.endpoint, advertise=shard.advertise,
+    announce_ready(role="server", shard=shard.shard_id, addr=shard.endpoint, advertise=shard.advertise,
                    metrics_port=metrics.server_address[1] if metrics else None)
     shard.serve()

@@ -16,8 +16,9 @@ from ps.cli.common import announce_ready, scheduler_address
 @click.option("--slowdown", type=click.FloatRange(1.0, 1000.0), default=1.0, show_default=True,
               help="Experiments only: make every step this many times slower (a straggler).")
 @click.option("--max-tasks", type=click.IntRange(1), default=None, help="Exit after this many assignments.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics here.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def worker(scheduler, device, worker_id, slowdown, max_tasks, log_level):
+def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, log_level):
     """Run a worker: take assignments from the scheduler and train (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from worker.daemon import WorkerDaemon
@@ -36,9 +37,17 @@ def worker(scheduler, device, worker_id, slowdown, max_tasks, log_level):
         daemon.stop()
         raise SystemExit(0)  # interrupts a blocking wait; a step in flight is simply lost (workers are stateless)
 
+    exporter = None
+    if metrics_port is not None:
+        from worker.metrics_http import start_exporter
+        try:
+            exporter = start_exporter(daemon.metrics, metrics_port)
+        except OSError as exc:
+            raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    announce_ready(role="worker", worker=daemon.worker, scheduler=addr, device=dev.name)
+    announce_ready(role="worker", worker=daemon.worker, scheduler=addr, device=dev.name,
+                   metrics_port=exporter.server_port if exporter else None)
     try:
         daemon.serve()
     except SchedulerUnavailable as exc:

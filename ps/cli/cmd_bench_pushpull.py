@@ -1,0 +1,338 @@
+"""`psctl bench pushpull`: push/pull latency and throughput through real
+shard processes, next to raw pyzmq request/reply of the same bytes measured
+in the same run.
+
+The lead registers it: `bench.add_command(pushpull)`. `worker` is imported
+inside the command only, so `ps` stays importable without it.
+
+For each size: S `psctl server` processes hold a table of float32 tensors
+of that many bytes in all (SGD, a tiny learning rate), and S raw echo
+processes (ps/cli/raw_echo.py) stand beside them. The raw reference mirrors
+our messages frame for frame: to each echo server go the bytes our client
+sends to the matching shard, and back come the bytes that shard returns:
+
+    push       the gradient slices out, a tiny reply back
+    pull       a tiny request out, the parameter slices back
+    push_pull  the gradient slices out, the parameter slices back
+
+Ours and raw alternate call by call, so machine noise hits both alike.
+slowdown = our median / raw median; 1.0 would mean no overhead at all.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+
+from ps.cli.common import SIZE
+
+OPS = ("push", "pull", "push_pull")
+DEFAULT_SIZES_BYTES = (4 * 1024, 1024**2, 16 * 1024**2)
+DEFAULT_PARTITION_BYTES = 4 * 1024**2
+# A figure needs a few samples for a median and a p90 to mean anything.
+MIN_REPEATS = 5
+# Upper bound of timed calls per figure with --min-time (tiny sizes, fast machines).
+MAX_REPEATS = 100_000
+# Warm-up per figure: this many calls each of ours and raw, or this share
+# of --min-time, whichever takes longer (sockets connected, caches hot).
+WARMUP_CALLS = 3
+WARMUP_SHARE = 0.1
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0
+REQUEST_TIMEOUT_S = 30.0
+# Gradient values and learning rate: small, so thousands of steps keep the
+# parameters finite and ordinary.
+GRAD_VALUE = 1e-3
+LEARNING_RATE = 1e-3
+
+COLUMNS = (  # (header, row key, format)
+    ("op", "op", "{}"),
+    ("size", "size", None),
+    ("median ms", "median_s", "ms"),
+    ("p90 ms", "p90_s", "ms"),
+    ("GB/s", "gb_per_s", "{:.2f}"),
+    ("raw median ms", "raw_median_s", "ms"),
+    ("raw p90 ms", "raw_p90_s", "ms"),
+    ("raw GB/s", "raw_gb_per_s", "{:.2f}"),
+    ("slowdown", "slowdown", "{:.2f}"),
+)
+
+
+# --- child processes ------------------------------------------------------------
+
+class Children:
+    """The processes the bench starts; `stop_all()` ends and reaps every one.
+
+    Each child runs in its own session, so a Ctrl-C in the terminal reaches
+    only the bench, which then stops them in order.
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[subprocess.Popen, str]] = []  # (process, stderr log path)
+
+    def start(self, *args: str) -> dict:
+        """Start `python args...` and return the facts of its `READY {json}` line.
+
+        Blocks up to READY_TIMEOUT_S; raises click.ClickException with the
+        child's last stderr lines if it exits or stays silent.
+        """
+        fd, log_path = tempfile.mkstemp(prefix="psctl-bench-", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=log,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        self.procs.append((proc, log_path))
+        facts = _read_ready(proc, READY_TIMEOUT_S)
+        if facts is None:
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-2000:].strip()
+            raise click.ClickException(f"{' '.join(args[:4])} did not report ready within "
+                                       f"{READY_TIMEOUT_S:.0f}s (exit status {proc.poll()}): {tail}")
+        return facts
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc, _ in self.procs]
+
+    def stop_all(self) -> None:
+        """SIGTERM every child, wait, SIGKILL what is left; reap all and remove their logs."""
+        for proc, _ in self.procs:
+            _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc, log_path in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(proc, signal.SIGKILL)
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            try:
+                os.unlink(log_path)
+            except OSError:
+                pass
+        self.procs.clear()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _read_ready(proc: subprocess.Popen, timeout_s: float) -> dict | None:
+    """The JSON of the child's READY line, or None at EOF or timeout."""
+    deadline = time.monotonic() + timeout_s
+    fd = proc.stdout.fileno()
+    buf = b""
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if line.startswith(b"READY "):
+                return json.loads(line[6:])
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return None
+        buf += chunk
+
+
+# --- measurement ----------------------------------------------------------------
+
+def _quantiles(times: list[float]) -> tuple[float, float]:
+    import numpy as np
+
+    arr = np.asarray(times)
+    return float(np.median(arr)), float(np.percentile(arr, 90))
+
+
+def _timed_pairs(ours, raw, *, repeat: int | None, min_time_s: float) -> tuple[list, list]:
+    """Call ours() and raw() alternately (swapping who goes first) and time each call."""
+    perf = time.perf_counter
+    warm_until = perf() + (0.0 if repeat is not None else WARMUP_SHARE * min_time_s)
+    calls = 0
+    while calls < WARMUP_CALLS or perf() < warm_until:
+        ours()
+        raw()
+        calls += 1
+    t_ours: list[float] = []
+    t_raw: list[float] = []
+    spent = 0.0
+    i = 0
+    while True:
+        if repeat is not None:
+            if i >= repeat:
+                break
+        elif i >= MAX_REPEATS or (i >= MIN_REPEATS and spent >= min_time_s):
+            break
+        order = ((ours, t_ours), (raw, t_raw)) if i % 2 == 0 else ((raw, t_raw), (ours, t_ours))
+        for fn, times in order:
+            t0 = perf()
+            fn()
+            dt = perf() - t0
+            times.append(dt)
+            spent += dt
+        i += 1
+    return t_ours, t_raw
+
+
+def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> list[dict]:
+    """One row per op for the table `plan` describes (created already through `client`)."""
+    import numpy as np
+
+    from ps.cli.raw_echo import EchoClient, filled
+
+    grads = {t.name: np.full(t.shape, GRAD_VALUE, np.float32) for t in plan.tensors}
+    outs = {t.name: np.ones(t.shape, np.float32) for t in plan.tensors}  # reused: no page faults
+    size = sum(t.size * t.itemsize for t in plan.tensors)
+    # The raw mirror of our messages: per shard, frames of the same bytes as its slices.
+    raw_grad = {t.name: filled(t.size * t.itemsize) for t in plan.tensors}
+    frames = {k: [raw_grad[s.name][s.start * 4:s.stop * 4] for s in plan.slices_on(k)]
+              for k in range(plan.num_shards) if plan.slices_on(k)}
+    none = EchoClient.sizes_frame([])
+    back = {k: EchoClient.sizes_frame([f.nbytes for f in fs]) for k, fs in frames.items()}
+    raw_sends = {
+        "push": {k: [none, *fs] for k, fs in frames.items()},
+        "pull": {k: [back[k]] for k in frames},
+        "push_pull": {k: [back[k], *fs] for k, fs in frames.items()},
+    }
+    raw = {op: functools.partial(echo.request, sends) for op, sends in raw_sends.items()}
+    ours = {
+        "push": lambda: client.push(grads),
+        "pull": lambda: client.pull(out=outs),
+        "push_pull": lambda: client.push_pull(grads, out=outs),
+    }
+    moved = {"push": size, "pull": size, "push_pull": 2 * size}  # payload bytes sent + received
+    rows = []
+    for op in OPS:
+        t_ours, t_raw = _timed_pairs(ours[op], raw[op], repeat=repeat, min_time_s=min_time_s)
+        median, p90 = _quantiles(t_ours)
+        raw_median, raw_p90 = _quantiles(t_raw)
+        rows.append({
+            "op": op, "size": size, "tensors": len(plan.tensors), "repeats": len(t_ours),
+            "median_s": median, "p90_s": p90,
+            "raw_median_s": raw_median, "raw_p90_s": raw_p90,
+            "gb_per_s": moved[op] / median / 1e9, "raw_gb_per_s": moved[op] / raw_median / 1e9,
+            "slowdown": median / raw_median,
+        })
+    return rows
+
+
+def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, repeat: int | None,
+              min_time_s: float, children: Children) -> list[dict]:
+    """Start the processes into `children`, measure every size, return the rows (children left running)."""
+    import numpy as np
+
+    from protocol.plan import make_plan
+    from ps.cli.raw_echo import EchoClient
+    from worker.client import ParamClient
+
+    addrs = [children.start("-m", "ps.cli", "server", "--bind", "tcp://127.0.0.1:0", "--shard-id", str(k),
+                            "--log-level", "warning")["addr"] for k in range(servers)]
+    raw_addrs = [children.start("-m", "ps.cli.raw_echo", "--bind", "tcp://127.0.0.1:0")["addr"]
+                 for _ in range(servers)]
+    rows = []
+    echo = EchoClient(raw_addrs, timeout_s=REQUEST_TIMEOUT_S)
+    try:
+        for size in sizes:
+            count = size // 4
+            shapes = {f"t{i:03d}": (count // tensors + (1 if i < count % tensors else 0),) for i in range(tensors)}
+            plan = make_plan({name: (shape, "float32") for name, shape in shapes.items()}, servers, partition_bytes)
+            with ParamClient(addrs, plan, job=f"bench-{size}", worker="bench", timeout_s=REQUEST_TIMEOUT_S,
+                             retries=0) as client:
+                client.create({name: np.zeros(shape, np.float32) for name, shape in shapes.items()},
+                              optimizer={"kind": "sgd", "lr": LEARNING_RATE})
+                rows.extend(bench_size(client, echo, plan, repeat=repeat, min_time_s=min_time_s))
+    finally:
+        echo.close()
+    return rows
+
+
+# --- output ---------------------------------------------------------------------
+
+def human_size(nbytes: int) -> str:
+    """4096 -> '4 KiB', 16777216 -> '16 MiB', 1000 -> '1000 B'."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if nbytes >= scale and nbytes % scale == 0:
+            return f"{nbytes // scale} {unit}"
+    if nbytes >= 1024**2:
+        return f"{nbytes / 1024**2:.2f} MiB"
+    return f"{nbytes} B"
+
+
+def _cell(row: dict, key: str, fmt: str | None) -> str:
+    if fmt is None:
+        return human_size(row[key])
+    if fmt == "ms":
+        return f"{row[key] * 1000:.3f}"
+    return fmt.format(row[key])
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as an aligned text table (text left, numbers right)."""
+    cells = [[_cell(row, key, fmt) for _, key, fmt in COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    return "\n".join([line([h for h, _, _ in COLUMNS]), *(line(c) for c in cells)])
+
+
+@click.command("pushpull")
+@click.option("--servers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Shard processes to start (and as many raw echo processes).")
+@click.option("--size", "sizes", type=SIZE, multiple=True, metavar="BYTES",
+              help="Bytes of parameters pushed and pulled per call; repeat for several "
+                   "[default: 4KiB, 1MiB, 16MiB].")
+@click.option("--tensors", type=click.IntRange(1, 100_000), default=1, show_default=True,
+              help="Split each size over this many float32 tensors (many small tensors batch "
+                   "into one message per shard).")
+@click.option("--partition-bytes", type=SIZE, default=str(DEFAULT_PARTITION_BYTES), show_default=True,
+              help="Largest slice of a tensor on one shard.")
+@click.option("--repeat", type=click.IntRange(1), default=None,
+              help="Timed calls per figure (each of ours and raw); overrides --min-time.")
+@click.option("--min-time", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              metavar="SECONDS", help="Timed seconds per op and size, ours and raw together.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes: int, repeat: int | None,
+             min_time: float, as_json: bool) -> None:
+    """Time push, pull and push_pull through S shard processes against raw pyzmq.
+
+    GB/s counts payload bytes sent plus received; slowdown is our median
+    over the raw median of the same bytes, measured in the same run.
+    """
+    sizes = list(sizes) or list(DEFAULT_SIZES_BYTES)
+    for size in sizes:
+        if size < 4 or size % 4:
+            raise click.ClickException(f"--size {size} must be a positive multiple of 4 bytes (float32 elements)")
+        if size // 4 < tensors:
+            raise click.ClickException(f"--size {size} holds {size // 4} float32 elements, "
+                                       f"fewer than --tensors {tensors}")
+    if partition_bytes < 4:
+        raise click.ClickException(f"--partition-bytes must be at least 4 (one float32), found {partition_bytes}")
+    children = Children()
+    try:
+        rows = run_bench(servers, sizes, partition_bytes=partition_bytes, tensors=tensors, repeat=repeat,
+                         min_time_s=min_time, children=children)
+    finally:
+        children.stop_all()
+    facts = {"servers": servers, "partition_bytes": partition_bytes, "tensors": tensors, "transport": "tcp"}
+    if as_json:
+        click.echo(json.dumps({**facts, "results": rows}))
+        return
+    click.echo(f"servers: {servers}  partition: {human_size(partition_bytes)}  tensors: {tensors}  "
+               f"transport: tcp (127.0.0.1)  raw: pyzmq zero-copy request/reply of the same frames")
+    click.echo(format_table(rows))

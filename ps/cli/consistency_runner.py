@@ -1,0 +1,185 @@
+"""One policy's run for `psctl bench consistency`: a fresh local cluster, one job, its trajectory.
+
+`run_policy` starts a scheduler, the servers and the workers (the last
+`slow_workers` of them with `--slowdown`), submits the job and, every
+`poll_s` until the job ends, records one `Sample`:
+
+- the job's *training loss*: the current parameters, read from the shards
+  with a plain pull (clock -1: never held, never counted by a policy),
+  evaluated on the whole training split in this process. The workers'
+  reported losses (one 32-example batch each, sent every 0.5 s) are kept
+  too, but are too noisy to say when a target was first reached;
+- the worker steps done so far, all workers together (the shards' push
+  count: every step pushes once to every shard);
+- the shards' clock table: the spread between the fastest and the slowest
+  live worker (in steps), and the pulls parked right now;
+- the largest version staleness of the pushes applied so far (the shards'
+  staleness histogram: updates that landed between the version a gradient
+  was computed from and its application; BSP never records any).
+
+Imports `worker` (it evaluates the model), so the CLI imports this module
+lazily, inside the command.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from ps.cli.cmd_run import LocalCluster, _wait_for_servers
+
+# How long a job may run before the bench gives up on it.
+JOB_TIMEOUT_S = 300.0
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Sample:
+    """The job at `t_s` seconds after submission."""
+
+    t_s: float
+    train_loss: float | None     # of the current parameters, on the whole training split
+    reported_loss: float | None  # the mean of the workers' last batch losses
+    steps: int                   # worker steps so far, all workers together
+    clock_spread: int            # fastest minus slowest live clock, largest over the shards
+    parked: int                  # pulls parked right now, all shards
+    version_staleness: int       # largest staleness (in versions) of any push applied so far
+
+
+@dataclass
+class PolicyRun:
+    """What one policy's run produced."""
+
+    label: str
+    policy: str
+    staleness_bound: int | None
+    job: str = ""
+    state: str = ""
+    result: dict = field(default_factory=dict)
+    error: str = ""
+    samples: list[Sample] = field(default_factory=list)
+
+
+class Observer:
+    """Reads a running job's parameters and shard stats straight from its shards."""
+
+    def __init__(self, spec: dict, export_body: dict, job: str):
+        from protocol.plan import Plan
+        from worker.client import ParamClient
+        from worker.data import load_dataset
+        from worker.nn.model import build_model
+
+        seed = int(spec["seed"])
+        self.train, _test = load_dataset(spec["data"], seed=seed)
+        self.model = build_model(spec["model"], self.train.input_shape, self.train.num_classes, seed=seed)
+        self.arrays = self.model.arrays()
+        self.job = job
+        self.client = ParamClient(export_body["shards"], Plan.from_wire(export_body["plan"]), job=job,
+                                  worker="bench-observer", timeout_s=5.0, retries=2)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def sample(self, t_s: float, reported_loss: float | None) -> Sample | None:
+        """One sample, or None while the job's tables are not created yet."""
+        from worker.client import ShardError
+        from worker.trainer import evaluate
+
+        try:
+            stats = self.client.stats()
+            tables = [s["jobs"][self.job] for s in stats if self.job in s["jobs"]]
+            if len(tables) < len(stats):
+                return None
+            self.client.pull(clock=-1, out=self.arrays)
+        except ShardError as exc:
+            if exc.code.value == "unknown_job":
+                return None
+            raise
+        loss, _acc = evaluate(self.model, self.train)
+        spread = max((t["max_clock"] - t["min_clock"] for t in tables if t["clocks"]), default=0)
+        hist = [int(k) for t in tables for k, v in t["staleness_hist"].items() if v]
+        return Sample(t_s=t_s, train_loss=float(loss), reported_loss=reported_loss,
+                      steps=max(t["pushes"] for t in tables), clock_spread=int(spread),
+                      parked=sum(t["parked"] for t in tables), version_staleness=max(hist, default=0))
+
+
+def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: float, slow_workers: int,
+               log_dir: str, poll_s: float, timeout_s: float = JOB_TIMEOUT_S) -> PolicyRun:
+    """Run `spec` on a cluster started for it, sampling every `poll_s`; always stops the cluster.
+
+    Blocks until the job ends. Raises click.ClickException when a process
+    does not start or the job outlives `timeout_s`.
+    """
+    import click
+
+    from protocol.messages import Export, Status, Submit
+    from ps.cli.cmd_jobs import _call
+    from worker.sched_client import SchedulerClient
+
+    consistency = spec["consistency"]
+    run = PolicyRun(label=label, policy=consistency["policy"],
+                    staleness_bound=consistency["staleness"] if consistency["policy"] == "ssp" else None)
+    os.makedirs(log_dir, exist_ok=True)
+    cluster = LocalCluster(log_dir)
+    observer: Observer | None = None
+    client = None
+    try:
+        addr = cluster.start("scheduler", "scheduler", "--state-dir", os.path.join(log_dir, "scheduler"))["addr"]
+        for k in range(servers):
+            cluster.start(f"server-{k}", "server", "--shard-id", str(k), "--scheduler", addr,
+                          "--bind", "tcp://127.0.0.1:0")
+        client = SchedulerClient(addr, timeout_s=5.0, retries=2)
+        _wait_for_servers(client, servers)
+        for i in range(workers):
+            slow = ["--slowdown", str(slowdown)] if i >= workers - slow_workers and slowdown > 1 else []
+            cluster.start(f"worker-{i}", "worker", "--scheduler", addr, *slow)
+        t0 = time.monotonic()
+        run.job = _call(client, Submit(spec=spec))["job"]
+        deadline = t0 + timeout_s
+        while True:
+            body = _call(client, Status(job=run.job))
+            now = time.monotonic() - t0
+            if observer is None and body.get("plan_digest"):
+                observer = Observer(spec, _call(client, Export(job=run.job)), run.job)
+            if observer is not None:
+                sample = observer.sample(now, (body.get("progress") or {}).get("loss"))
+                if sample is not None:
+                    run.samples.append(sample)
+            if body["state"] in FINAL_STATES:
+                run.state, run.result, run.error = body["state"], body.get("result") or {}, body.get("error") or ""
+                return run
+            if time.monotonic() > deadline:
+                raise click.ClickException(f"{label}: job {run.job} did not end within {timeout_s:g}s "
+                                           f"(logs in {log_dir})")
+            time.sleep(poll_s)  # sampling a running job at a fixed rate, not waiting for an event
+    finally:
+        if observer is not None:
+            observer.close()
+        if client is not None:
+            client.close()
+        cluster.stop()
+
+
+def summarize(run: PolicyRun, *, target_loss: float, batch_size: int) -> dict:
+    """One row of the bench's table (the JSON fields of the issue, then extras)."""
+    reached = next((s for s in run.samples if s.train_loss is not None and s.train_loss <= target_loss), None)
+    result = run.result
+    examples = result.get("examples") or 0
+    wall = result.get("wall_s") or 0.0
+    steps = examples / batch_size if examples else (run.samples[-1].steps if run.samples else 0)
+    return {
+        "policy": run.policy,
+        "staleness_bound": run.staleness_bound,
+        "time_to_target_s": round(reached.t_s, 3) if reached else None,
+        "steps_per_s": round(steps / wall, 2) if wall > 0 else None,
+        "test_accuracy": result.get("test_accuracy"),
+        "max_staleness_seen": max((s.clock_spread for s in run.samples), default=0),
+        "label": run.label,
+        "state": run.state,
+        "steps_to_target": reached.steps if reached else None,
+        "final_train_loss": run.samples[-1].train_loss if run.samples else None,
+        "max_version_staleness": max((s.version_staleness for s in run.samples), default=0),
+        "max_parked_seen": max((s.parked for s in run.samples), default=0),
+        "wall_s": round(wall, 3) if wall else None,
+        "error": run.error,
+    }

@@ -1,0 +1,151 @@
+"""The raw pyzmq reference of `psctl bench pushpull`: an echo server and its client.
+
+What the parameter-server data path is measured against: plain ZeroMQ
+request/reply of the same bytes over the same transport, zero-copy on both
+sides, no header, no validation, no optimizer, no copy into the caller's
+arrays. Whatever `psctl bench pushpull` measures above this is our overhead.
+
+Wire form (this module only; it is not the pscluster protocol):
+
+    request   [sizes, payload frame, ...]   sizes: little-endian uint64 byte
+              count of every frame the reply must carry (empty: none)
+    reply     [b"r", frame, ...]            one frame per requested size,
+              sent zero-copy from buffers the server filled once at start
+
+Run the server as `python -m ps.cli.raw_echo --bind tcp://127.0.0.1:0`; it
+prints `READY {json}` with its "addr" and serves until SIGTERM or SIGINT.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import click
+import numpy as np
+import zmq
+
+from ps.cli.common import announce_ready, check_address, on_stop_signals
+
+# Longest the server sleeps in poll before it looks at its stop flag.
+POLL_INTERVAL_MS = 100
+# Largest total reply the server builds, so a stray client cannot make it
+# allocate without bound.
+MAX_REPLY_BYTES = 2 * 1024**3
+SIZES_DTYPE = np.dtype("<u8")
+REPLY_TAG = b"r"
+
+
+def filled(nbytes: int) -> np.ndarray:
+    """A buffer of `nbytes` whose pages are all written (no lazy zero pages,
+    which would make reads look faster than real parameters)."""
+    buf = np.empty(nbytes, np.uint8)
+    buf.fill(0x5A)
+    return buf
+
+
+class EchoServer:
+    """A ROUTER answering each request with the frames it asks for. `serve()` blocks."""
+
+    def __init__(self, bind: str, ctx: zmq.Context | None = None):
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        bind_to = bind.rsplit(":", 1)[0] + ":*" if bind.startswith("tcp://") and bind.endswith(":0") else bind
+        self.sock.bind(bind_to)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.stopping = False
+        self._buffers: dict[int, np.ndarray] = {}  # byte count -> reply buffer, reused forever
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        buf = self._buffers.get(nbytes)
+        if buf is None:
+            buf = self._buffers[nbytes] = filled(nbytes)
+        return buf
+
+    def serve(self) -> None:
+        """Answer requests until `stop()`; then close the socket."""
+        try:
+            while not self.stopping:
+                if not self.sock.poll(POLL_INTERVAL_MS):
+                    continue
+                frames = self.sock.recv_multipart(copy=False)
+                if len(frames) < 2 or len(frames[1]) % SIZES_DTYPE.itemsize:
+                    continue  # not ours: nothing sensible to answer
+                sizes = np.frombuffer(frames[1].buffer, SIZES_DTYPE).tolist()
+                if sum(sizes) > MAX_REPLY_BYTES:
+                    continue
+                reply = [frames[0], REPLY_TAG, *(self._buffer(n) for n in sizes)]
+                try:
+                    self.sock.send_multipart(reply, zmq.DONTWAIT, copy=False)
+                except zmq.ZMQError:
+                    continue  # the client went away
+        finally:
+            self.sock.close(0)
+
+
+class EchoClient:
+    """DEALERs to one or more echo servers; `request` is one round trip to each.
+
+    `request` blocks until every server answered and raises TimeoutError
+    naming the server that did not within `timeout_s`.
+    """
+
+    def __init__(self, addrs: Sequence[str], ctx: zmq.Context | None = None, *, timeout_s: float = 30.0):
+        self.ctx = ctx or zmq.Context.instance()
+        self.addrs = list(addrs)
+        self.timeout_ms = int(timeout_s * 1000)
+        self.socks = []
+        for addr in self.addrs:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(addr)
+            self.socks.append(sock)
+
+    @staticmethod
+    def sizes_frame(reply_sizes: Sequence[int]) -> bytes:
+        """The first frame of a request whose reply carries frames of `reply_sizes` bytes."""
+        return np.asarray(list(reply_sizes), SIZES_DTYPE).tobytes()
+
+    def request(self, sends: Mapping[int, list]) -> list:
+        """Send each server k its frames `sends[k]` (sizes frame first) and gather the replies.
+
+        Returns the reply frames (zmq.Frame, not copied) of every server, in
+        the order of `sends`.
+        """
+        for k, frames in sends.items():
+            self.socks[k].send_multipart(frames, copy=False)
+        replies = []
+        for k in sends:
+            sock = self.socks[k]
+            if not sock.poll(self.timeout_ms):
+                raise TimeoutError(f"raw echo server at {self.addrs[k]} did not answer "
+                                   f"within {self.timeout_ms / 1000:.0f}s")
+            replies.append(sock.recv_multipart(copy=False))
+        return replies
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(0)
+        self.socks = []
+
+
+@click.command("raw-echo")
+@click.option("--bind", default="tcp://127.0.0.1:0", show_default=True,
+              help="Address to listen on; port 0 picks a free one.")
+def main(bind: str) -> None:
+    """Serve raw pyzmq echo requests (the reference of `psctl bench pushpull`)."""
+    check_address(bind, "--bind")
+    try:
+        server = EchoServer(bind)
+    except zmq.ZMQError as exc:
+        raise click.ClickException(f"cannot listen on {bind}: {exc.strerror}") from None
+    on_stop_signals(server.stop)
+    announce_ready(role="raw_echo", addr=server.endpoint)
+    server.serve()
+
+
+if __name__ == "__main__":
+    main()
