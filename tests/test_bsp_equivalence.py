@@ -146,8 +146,8 @@ def train_reference(spec_small: dict, n: int) -> dict:
     per_worker = [worker_batches(train, k=i, num=n, batch_size=BATCH, seed=seed) for i in range(n)]
 
     def big_batch(t: int):
-        xs, ys = zip(*(b.batch(t) for b in per_worker))
-        return np.concatenate(xs), np.concatenate(ys)
+        pairs = [b.batch(t) for b in per_worker]
+        return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
 
     optimizer = make_optimizer(spec["optimizer"])
     trainer = LocalTrainer(spec, update=lambda arrays, nonlearned: Updater(optimizer, arrays, nonlearned=nonlearned),

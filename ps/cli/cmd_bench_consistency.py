@@ -5,9 +5,10 @@ policy, each time on a fresh local cluster whose last worker is slowed
 down by `--slowdown` (the worker's experiments-only option: each step
 takes that many times its compute time). Per policy it reports:
 
-- time_to_target_s: seconds from submission until the training loss (of the
-  current parameters, on the whole training split, sampled every
-  `--poll` seconds) first falls to `--target-loss`; null if it never does;
+- time_to_target_s: seconds from the moment the job's parameters exist on
+  the shards until the training loss (of the current parameters, on the
+  whole training split, sampled every `--poll` seconds) first falls to
+  `--target-loss`; null if it never does;
 - steps_per_s: worker steps (one batch's gradient pushed) per second, all
   workers together, over the job's wall time;
 - test_accuracy: the job's final evaluation;
@@ -21,7 +22,12 @@ the target was reached: the per-iteration comparison), final_train_loss,
 max_version_staleness (the largest number of updates that landed between a
 gradient's base version and its application; BSP records none),
 max_parked_seen and wall_s. It writes a PNG with the training loss against
-wall time and against worker steps, one line per policy.
+wall time and against worker steps, one line per policy and run.
+
+Wall-clock figures on a small shared machine vary from run to run by tens
+of percent: `--repeat N` runs every policy N times (round-robin, so a slow
+spell of the machine hits every policy alike) and reports medians (of the
+staleness figures: maxima), with each run's time in time_to_target_runs.
 
 Policy names: bsp, asp, sspN (N = the staleness bound, e.g. ssp3).
 """
@@ -116,14 +122,20 @@ def write_plot(runs, path: str, *, target_loss: float, slowdown: float) -> bool:
     if directory:
         os.makedirs(directory, exist_ok=True)
     fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors: dict[str, str] = {}
     for run in runs:
         pts = [s for s in run.samples if s.train_loss is not None and math.isfinite(s.train_loss)]
         if not pts:
             continue
-        line, = by_time.plot([s.t_s for s in pts], [s.train_loss for s in pts], label=run.label, lw=1.6)
-        by_steps.plot([s.steps for s in pts], [s.train_loss for s in pts], label=run.label, lw=1.6,
-                      color=line.get_color())
-    for ax, xlabel in ((by_time, "wall time since submission (s)"), (by_steps, "worker steps, all workers")):
+        first = run.label not in colors
+        kwargs = {"label": run.label if first else None, "lw": 1.6 if first else 1.0, "alpha": 1.0 if first else 0.6}
+        if not first:
+            kwargs["color"] = colors[run.label]
+        line, = by_time.plot([s.t_s for s in pts], [s.train_loss for s in pts], **kwargs)
+        colors.setdefault(run.label, line.get_color())
+        kwargs["color"] = colors[run.label]
+        by_steps.plot([s.steps for s in pts], [s.train_loss for s in pts], **kwargs)
+    for ax, xlabel in ((by_time, "wall time since the parameters exist (s)"), (by_steps, "worker steps, all workers")):
         ax.axhline(target_loss, color="gray", ls="--", lw=1, label=f"target {target_loss:g}")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
@@ -154,27 +166,32 @@ def write_plot(runs, path: str, *, target_loss: float, slowdown: float) -> bool:
               help="Write the loss curves to this PNG.")
 @click.option("--poll", "poll_s", type=click.FloatRange(0.05, 5.0), default=0.2, show_default=True,
               help="Seconds between samples of a running job.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Runs per policy (round-robin); the table shows medians.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per policy (one per line).")
-def consistency(slowdown, steps, target_loss, policies, workers, servers, plot_path, poll_s, as_json):
+def consistency(slowdown, steps, target_loss, policies, workers, servers, plot_path, poll_s, repeat, as_json):
     """Run one job under BSP, SSP(s) and ASP with a straggler; compare time to a target loss."""
-    from ps.cli.consistency_runner import run_policy, summarize
+    from ps.cli.consistency_runner import aggregate, run_policy, summarize
 
     chosen = parse_policies(policies)
     jobs = [(label, job_for(c, steps=steps, workers=workers)) for label, c in chosen]
-    runs, rows = [], []
-    for label, spec in jobs:
-        log_dir = tempfile.mkdtemp(prefix=f"psctl-bench-{label}-")
-        if not as_json:
-            click.echo(f"{label}: running {steps} steps x {workers} workers ...", err=True)
-        run = run_policy(spec, label, servers=servers, workers=workers, slowdown=slowdown, slow_workers=1,
-                         log_dir=log_dir, poll_s=poll_s)
-        if run.state == "succeeded":
-            shutil.rmtree(log_dir, ignore_errors=True)
-        else:
-            click.echo(f"{label}: job {run.job} {run.state}: {run.error or 'no error given'} (logs in {log_dir})",
-                       err=True)
-        runs.append(run)
-        rows.append(summarize(run, target_loss=target_loss, batch_size=spec["data"]["batch_size"]))
+    runs = []
+    per_label: dict[str, list[dict]] = {label: [] for label, _ in jobs}
+    for r in range(repeat):
+        for label, spec in jobs:
+            log_dir = tempfile.mkdtemp(prefix=f"psctl-bench-{label}-")
+            click.echo(f"{label}: run {r + 1}/{repeat}, {steps} steps x {workers} workers, "
+                       f"one {slowdown:g}x slower ...", err=True)
+            run = run_policy(spec, label, servers=servers, workers=workers, slowdown=slowdown, slow_workers=1,
+                             log_dir=log_dir, poll_s=poll_s)
+            if run.state == "succeeded":
+                shutil.rmtree(log_dir, ignore_errors=True)
+            else:
+                click.echo(f"{label}: job {run.job} {run.state}: {run.error or 'no error given'} "
+                           f"(logs in {log_dir})", err=True)
+            runs.append(run)
+            per_label[label].append(summarize(run, target_loss=target_loss, batch_size=spec["data"]["batch_size"]))
+    rows = [aggregate(per_label[label]) for label, _ in jobs]
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, sort_keys=True))

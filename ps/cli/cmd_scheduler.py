@@ -21,9 +21,11 @@ def _default_bind() -> str:
               help="Directory for the durable job registry (sqlite); or PSCLUSTER_STATE_DIR.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(0.5, 3600), default=6.0, show_default=True,
               help="Seconds of silence after which a peer is dead.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics here.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def scheduler(bind, state_dir, heartbeat_timeout, metrics_port, log_level):
+def scheduler(bind, state_dir, heartbeat_timeout, metrics_port, metrics_host, log_level):
     """Run the scheduler: durable jobs, membership, assignments (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from ps.scheduler import Scheduler
@@ -42,7 +44,7 @@ def scheduler(bind, state_dir, heartbeat_timeout, metrics_port, log_level):
     if metrics_port is not None:
         from ps.metrics_http import serve_metrics
         try:
-            metrics = serve_metrics(sched.metrics, metrics_port)
+            metrics = serve_metrics(sched.metrics, metrics_port, metrics_host)
         except OSError as exc:
             sched.close()
             raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None

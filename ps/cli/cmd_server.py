@@ -15,11 +15,14 @@ from ps.cli.common import SIZE, announce_ready, check_address, on_stop_signals, 
 @click.option("--advertise", default=None, help="Address peers should use, if not the bound one.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Where checkpoints are written and restored from.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics here.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--max-message-bytes", type=SIZE, default="512MiB", show_default=True,
               help="Refuse bigger messages.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, max_message_bytes, log_level):
+def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, metrics_host, max_message_bytes,
+           log_level):
     """Run one parameter-server shard (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from ps.shard import Shard
@@ -37,7 +40,7 @@ def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, m
     if metrics_port is not None:
         from ps.metrics_http import serve_metrics
         try:
-            metrics = serve_metrics(shard.metrics, metrics_port)
+            metrics = serve_metrics(shard.metrics, metrics_port, metrics_host)
         except OSError as exc:
             shard.close()
             raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None

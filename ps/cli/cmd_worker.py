@@ -16,9 +16,11 @@ from ps.cli.common import announce_ready, scheduler_address
 @click.option("--slowdown", type=click.FloatRange(1.0, 1000.0), default=1.0, show_default=True,
               help="Experiments only: make every step this many times slower (a straggler).")
 @click.option("--max-tasks", type=click.IntRange(1), default=None, help="Exit after this many assignments.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics here.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, log_level):
+def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metrics_host, log_level):
     """Run a worker: take assignments from the scheduler and train (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from worker.daemon import WorkerDaemon
@@ -41,7 +43,7 @@ def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, log_
     if metrics_port is not None:
         from worker.metrics_http import start_exporter
         try:
-            exporter = start_exporter(daemon.metrics, metrics_port)
+            exporter = start_exporter(daemon.metrics, metrics_port, metrics_host)
         except OSError as exc:
             raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
     signal.signal(signal.SIGTERM, on_signal)

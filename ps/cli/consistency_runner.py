@@ -9,6 +9,13 @@
   evaluated on the whole training split in this process. The workers'
   reported losses (one 32-example batch each, sent every 0.5 s) are kept
   too, but are too noisy to say when a target was first reached;
+Times count from the first sample at which the job's tables exist on
+every shard (training can start), so the start-up of a job (the first
+worker building the model and creating the tables, the others being
+assigned) is left out: it does not depend on the policy.
+
+Also per sample:
+
 - the worker steps done so far, all workers together (the shards' push
   count: every step pushes once to every shard);
 - the shards' clock table: the spread between the fastest and the slowest
@@ -22,6 +29,7 @@ lazily, inside the command.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -37,7 +45,7 @@ FINAL_STATES = ("succeeded", "failed", "cancelled")
 class Sample:
     """The job at `t_s` seconds after submission."""
 
-    t_s: float
+    t_s: float                   # since the job's tables first answered
     train_loss: float | None     # of the current parameters, on the whole training split
     reported_loss: float | None  # the mean of the workers' last batch losses
     steps: int                   # worker steps so far, all workers together
@@ -133,17 +141,18 @@ def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: 
         for i in range(workers):
             slow = ["--slowdown", str(slowdown)] if i >= workers - slow_workers and slowdown > 1 else []
             cluster.start(f"worker-{i}", "worker", "--scheduler", addr, *slow)
-        t0 = time.monotonic()
         run.job = _call(client, Submit(spec=spec))["job"]
-        deadline = t0 + timeout_s
+        deadline = time.monotonic() + timeout_s
+        t0 = None
         while True:
             body = _call(client, Status(job=run.job))
-            now = time.monotonic() - t0
             if observer is None and body.get("plan_digest"):
                 observer = Observer(spec, _call(client, Export(job=run.job)), run.job)
             if observer is not None:
-                sample = observer.sample(now, (body.get("progress") or {}).get("loss"))
+                now = time.monotonic()
+                sample = observer.sample(now - (t0 or now), (body.get("progress") or {}).get("loss"))
                 if sample is not None:
+                    t0 = t0 or now
                     run.samples.append(sample)
             if body["state"] in FINAL_STATES:
                 run.state, run.result, run.error = body["state"], body.get("result") or {}, body.get("error") or ""
@@ -161,7 +170,7 @@ def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: 
 
 
 def summarize(run: PolicyRun, *, target_loss: float, batch_size: int) -> dict:
-    """One row of the bench's table (the JSON fields of the issue, then extras)."""
+    """One run's row of the bench's table (the JSON fields of the issue, then extras)."""
     reached = next((s for s in run.samples if s.train_loss is not None and s.train_loss <= target_loss), None)
     result = run.result
     examples = result.get("examples") or 0
@@ -183,3 +192,31 @@ def summarize(run: PolicyRun, *, target_loss: float, batch_size: int) -> dict:
         "wall_s": round(wall, 3) if wall else None,
         "error": run.error,
     }
+
+
+def _median(values: list) -> float | None:
+    """The median of `values`, None counting as +infinity (never reached); None if that is the median."""
+    if not values:
+        return None
+    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
+    mid = len(ordered) // 2
+    if len(ordered) % 2:
+        return ordered[mid]
+    lo, hi = ordered[mid - 1], ordered[mid]
+    return None if lo is None or hi is None else (lo + hi) / 2
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """One policy's row over repeated runs: medians of the measurements, maxima of the staleness
+    figures, and every run's time to target in `time_to_target_runs`."""
+    out = dict(rows[0])
+    for key in ("time_to_target_s", "steps_per_s", "test_accuracy", "steps_to_target", "final_train_loss", "wall_s"):
+        out[key] = _median([r[key] for r in rows])
+    for key in ("max_staleness_seen", "max_version_staleness", "max_parked_seen"):
+        out[key] = max(r[key] for r in rows)
+    out["state"] = "succeeded" if all(r["state"] == "succeeded" for r in rows) else \
+        next(r["state"] for r in rows if r["state"] != "succeeded")
+    out["error"] = next((r["error"] for r in rows if r["error"]), "")
+    out["repeats"] = len(rows)
+    out["time_to_target_runs"] = [r["time_to_target_s"] for r in rows]
+    return out
