@@ -1,0 +1,77 @@
+"""Faults with real processes: kill -9 a worker, a shard, the scheduler; the work goes on."""
+from __future__ import annotations
+
+import signal
+import socket
+
+import numpy as np
+
+from protocol.plan import make_plan
+from tests.test_jobs import job_file, psctl_json, status, wait_until
+from worker.client import ParamClient
+
+HEARTBEAT_TIMEOUT = "2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_worker_is_replaced_and_the_job_still_succeeds(procs, tmp_path):
+    sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
+    addr = sched.ready["addr"]
+    procs.server(0, "--scheduler", addr)
+    workers = [procs.start("worker", "--scheduler", addr) for _ in range(3)]
+    spec = job_file(tmp_path, workers=2, steps=600, target_accuracy=None)
+    job = psctl_json("submit", spec, "--scheduler", addr)["job"]
+    wait_until(lambda: (status(addr, job).get("progress") or {}).get("step", 0) >= 30, what="training under way")
+    busy = {p["worker"] for p in status(addr, job)["partitions"] if p["worker"]}
+    victim = next(w for w in workers if w.ready["worker"] in busy)
+    victim.signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    wait_until(lambda: status(addr, job)["state"] == "succeeded", what="job succeeded after a worker died")
+    final = status(addr, job)
+    assert final["result"]["test_accuracy"] >= 0.9
+    assert final["result"]["steps"] == 600
+
+
+def test_restarted_shard_restores_its_latest_checkpoint(procs, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = procs.server(0, "--checkpoint-dir", str(ckpt))
+    plan = make_plan({"w": ((1000,), "float32")}, 1, 1 << 20)
+    with ParamClient([first.ready["addr"]], plan, job="ck", worker="w0", timeout_s=10) as client:
+        client.create({"w": np.zeros(1000, np.float32)}, optimizer={"kind": "sgd", "lr": 1.0}, checkpoint_every=5)
+        for step in range(12):
+            client.push({"w": np.ones(1000, np.float32)}, clock=step)
+        assert client.stats()[0]["jobs"]["ck"]["version"] == 12
+    files = sorted(p.name for p in (ckpt / "shard-0" / "ck").iterdir())
+    assert files == ["ckpt-000000000005.npz", "ckpt-000000000010.npz"]
+    # a half-written checkpoint, as a crash mid-write would leave it, must never be loaded
+    (ckpt / "shard-0" / "ck" / ".tmp-999-ckpt-000000000099.npz").write_bytes(b"PK\x03\x04 truncated")
+    first.signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    second = procs.server(0, "--checkpoint-dir", str(ckpt))
+    with ParamClient([second.ready["addr"]], plan, job="ck", worker="w1", timeout_s=10) as client:
+        np.testing.assert_array_equal(client.pull()["w"], np.full(1000, -10.0, np.float32))
+        table = client.stats()[0]["jobs"]["ck"]
+        assert table["version"] == 10 and table["clocks"] == {"w0": 10}
+
+
+def test_scheduler_killed_mid_job_comes_back_and_the_job_finishes(procs, tmp_path):
+    port = free_port()
+    bind = f"tcp://127.0.0.1:{port}"
+    state = str(tmp_path / "s")
+    first = procs.start("scheduler", "--bind", bind, "--state-dir", state, "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
+    procs.server(0, "--scheduler", bind)
+    for _ in range(2):
+        procs.start("worker", "--scheduler", bind)
+    job = psctl_json("submit", job_file(tmp_path, workers=2, steps=800), "--scheduler", bind)["job"]
+    wait_until(lambda: (status(bind, job).get("progress") or {}).get("step", 0) >= 50, what="training under way")
+    first.signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    procs.start("scheduler", "--bind", bind, "--state-dir", state, "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
+    wait_until(lambda: status(bind, job)["state"] == "succeeded", what="job finished under the new scheduler")
+    result = status(bind, job)["result"]
+    assert result["test_accuracy"] >= 0.9 and result["steps"] == 800
