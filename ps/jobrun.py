@@ -20,6 +20,8 @@ from protocol.plan import Plan
 
 # What a worker can be asked to do.
 TRAIN, EVAL = "train", "eval"
+# Progress samples kept per job (thinned by half when full).
+MAX_CURVE_POINTS = 2000
 
 
 @dataclass
@@ -57,7 +59,9 @@ class JobRun:
     final: dict | None = None                # the final evaluation, once done
     test_accuracy: float | None = None       # latest evaluation during training
     test_loss: float | None = None
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)   # evaluations during training
+    curve: list[dict] = field(default_factory=list)     # progress samples over time, for plots
+    started_at: float = 0.0                              # time.monotonic() when the run started
 
     def __post_init__(self):
         if not self.partitions:
@@ -148,6 +152,17 @@ class JobRun:
             if isinstance(state.get(key), (int, float)):
                 setattr(part, key, float(state[key]))
 
+    def sample(self, now: float) -> None:
+        """Record where the job stands (at most MAX_CURVE_POINTS, thinned evenly when full)."""
+        prog = self.summary()
+        if prog["loss"] is None:
+            return
+        self.curve.append({"t": round(now - self.started_at, 3), "step": prog["step"], "loss": prog["loss"],
+                           "accuracy": prog["accuracy"], "test_accuracy": prog["test_accuracy"],
+                           "examples_per_s": prog["examples_per_s"]})
+        if len(self.curve) > MAX_CURVE_POINTS:
+            self.curve = self.curve[::2]
+
     def summary(self) -> dict:
         """Aggregate progress for status and the progress bar."""
         parts = self.partitions
@@ -163,7 +178,7 @@ class JobRun:
             "accuracy": sum(accs) / len(accs) if accs else None,
             "test_accuracy": self.test_accuracy,
             "test_loss": self.test_loss,
-            "examples_per_s": sum(p.examples_per_s for p in parts if p.worker is not None),
+            "examples_per_s": sum(p.examples_per_s for p in parts),  # last known rate of each partition
             "examples": sum(p.examples for p in parts),
             "workers": sum(1 for p in parts if p.worker is not None),
             "partitions": len(parts),

@@ -45,6 +45,8 @@ HEARTBEAT_TIMEOUT_S = 6.0
 ASSIGN_WAIT_MAX_S = 30.0
 # How often running jobs' progress is written to the registry.
 PROGRESS_SAVE_INTERVAL_S = 2.0
+# How often a running job's progress is sampled for its loss curve.
+CURVE_SAMPLE_INTERVAL_S = 0.2
 TICK_INTERVAL_S = 0.1
 MAX_BATCH_MSGS = 256
 # Epochs are incarnation * EPOCH_STRIDE + counter, so a restarted scheduler's
@@ -99,6 +101,7 @@ class Scheduler(SchedulerOps):
         self.stopping = False
         self.incarnation = self.registry.next_incarnation()
         self._progress_saved = 0.0
+        self._sampled = 0.0
         requeued = self.registry.requeue_running()
         if requeued:
             log.info("requeued jobs left running by a previous scheduler", extra={"jobs": ",".join(requeued)})
@@ -191,6 +194,10 @@ class Scheduler(SchedulerOps):
                 self._send(wait.envelope, encode(Ok(rid=wait.rid, body={"task": None})))
         self.schedule(now)
         self._finish_runs()
+        if now - self._sampled >= CURVE_SAMPLE_INTERVAL_S:
+            self._sampled = now
+            for run in self.runs.values():
+                run.sample(now)
         if now - self._progress_saved >= PROGRESS_SAVE_INTERVAL_S:
             self._progress_saved = now
             for run in self.runs.values():
@@ -284,7 +291,8 @@ class Scheduler(SchedulerOps):
             shards = shards[:plan.num_shards] if len(shards) >= plan.num_shards else []
         if not shards:
             return None
-        run = JobRun(row["id"], row["spec"], shards, plan=plan, nonlearned=row["nonlearned"] or [])
+        run = JobRun(row["id"], row["spec"], shards, plan=plan, nonlearned=row["nonlearned"] or [],
+                     started_at=self.now())
         for k, step in (row["progress"] or {}).get("steps", {}).items():
             if int(k) < len(run.partitions):
                 run.partitions[int(k)].step = step
@@ -327,8 +335,10 @@ class Scheduler(SchedulerOps):
             "examples_per_s": summary["examples"] / wall if wall > 0 else 0.0,
             "examples": summary["examples"],
         }
+        run.sample(self.now())
         self.registry.update(run.job_id, state=state, finished=time.time(), result=result,
-                             progress=_progress_record(run), error=run.error)
+                             progress={**_progress_record(run), "curve": run.curve, "evals": run.history},
+                             error=run.error)
         del self.runs[run.job_id]
         for peer in self.workers.values():
             if peer.job == run.job_id:

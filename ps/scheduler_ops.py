@@ -228,10 +228,14 @@ class SchedulerOps:
             body["progress"] = run.summary()
             body["partitions"] = [vars(p).copy() for p in run.partitions]
             body["history"] = run.history[-50:]
+            body["curve"] = run.curve
             body["shard_stats"] = self._shard_stats(msg.job)
         else:
-            body["progress"] = (row["progress"] or {}).get("summary", {})
+            saved = row["progress"] or {}
+            body["progress"] = saved.get("summary", {})
             body["partitions"] = []
+            body["history"] = saved.get("evals", [])[-50:]
+            body["curve"] = saved.get("curve", [])
             body["shard_stats"] = self._shard_stats(msg.job)
         self._ok(envelope, msg, body)
 

@@ -58,8 +58,11 @@ def scheduler_addr(stderr: str) -> str:
 
 def test_run_succeeds_prints_json_and_leaves_nothing(tmp_path):
     state = tmp_path / "state"
-    result = run_psctl("run", write_job(tmp_path), "--json", "--state-dir", str(state), timeout=180)
+    plot = tmp_path / "loss.png"
+    result = run_psctl("run", write_job(tmp_path), "--json", "--state-dir", str(state), "--plot", str(plot),
+                       timeout=180)
     assert result.returncode == 0, result.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curve
     summary = json.loads(result.stdout)
     for key in ("job", "status", "test_accuracy", "final_loss", "steps", "wall_s", "examples_per_s"):
         assert key in summary

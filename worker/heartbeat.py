@@ -17,7 +17,7 @@ from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.messages import Heartbeat, Ok
 
-HEARTBEAT_INTERVAL_S = 0.5
+HEARTBEAT_INTERVAL_S = 0.25
 
 
 class HeartbeatThread(threading.Thread):

@@ -60,25 +60,53 @@ def job_summary(body: dict) -> dict:
     }
 
 
-def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = None) -> dict:
-    """Poll `job` until it ends, drawing the progress bar; returns its final status body."""
+def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = None,
+             plot: str | None = None) -> dict:
+    """Poll `job` until it ends, drawing the progress bar; returns its final status body.
+
+    With `plot`, the loss curve it saw is written there as a PNG.
+    """
     from protocol.messages import Status
 
-    bar = ProgressBar(label=job) if show else None
+    bar = ProgressBar(label=job, stream=None if show else _Discard())
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:
             body = _call(client, Status(job=job))
-            if bar is not None and body.get("progress"):
+            if body.get("progress"):
                 bar.update(body["progress"])
             if body["state"] in FINAL_STATES:
+                if plot:
+                    _plot(body.get("curve") or bar.rows, plot, job)
                 return body
             if deadline is not None and time.monotonic() > deadline:
                 raise click.ClickException(f"job {job} did not finish within {timeout_s:g}s (still {body['state']})")
             time.sleep(POLL_INTERVAL_S)  # polling a remote service, not waiting on a test
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
+
+
+class _Discard:
+    """A stream that drops what it is given (a bar that only records)."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _plot(rows: list[dict], path: str, job: str) -> None:
+    from ps.cli.progress import write_loss_plot
+
+    try:
+        written = write_loss_plot(rows, path, title=job)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the plot {path}: {exc.strerror}") from None
+    if written is None:
+        click.echo("no plot written: matplotlib is not installed (pip install 'pscluster[plot]')", err=True)
+    else:
+        click.echo(f"loss curve written to {written}", err=True)
 
 
 @click.command("submit")
@@ -86,7 +114,9 @@ def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = N
 @click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
 @click.option("--wait", is_flag=True, help="Show a live progress bar and wait for the job to end.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait: print the summary as one JSON object.")
-def submit(job_file, scheduler, wait, as_json):
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="With --wait: write the loss curve to this PNG file.")
+def submit(job_file, scheduler, wait, as_json, plot):
     """Submit JOB_FILE; prints the job id (with --wait, exits 0 only if the job succeeded)."""
     from protocol.messages import Submit
 
@@ -97,7 +127,7 @@ def submit(job_file, scheduler, wait, as_json):
         click.echo(json.dumps({"job": job}) if as_json else job)
         return
     click.echo(f"submitted {job}", err=True)
-    body = wait_for(client, job)
+    body = wait_for(client, job, plot=plot)
     summary = job_summary(body)
     print_summary(summary, as_json=as_json)
     if body["state"] != "succeeded":

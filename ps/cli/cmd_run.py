@@ -115,9 +115,10 @@ class LocalCluster:
 @click.option("--device", type=click.Choice(["cpu", "gpu", "auto"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the loss curve to this PNG file.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the scheduler's state and the logs here (default: a temporary directory, removed).")
-def run(job_file, servers, workers, device, as_json, quiet, state_dir):
+def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir):
     """Run JOB_FILE on a local cluster started for it; exits 0 if the job succeeded."""
     from protocol.messages import Submit
     from worker.sched_client import SchedulerClient
@@ -146,7 +147,7 @@ def run(job_file, servers, workers, device, as_json, quiet, state_dir):
         if not quiet:
             click.echo(f"local cluster: scheduler {addr}, {servers} server(s), {workers} worker(s); job {job}",
                        err=True)
-        body = wait_for(client, job, show=not quiet)
+        body = wait_for(client, job, show=not quiet, plot=plot)
         status = body["state"]
         print_summary(job_summary(body), as_json=as_json)
         client.close()

@@ -27,7 +27,10 @@ class ProgressBar:
         self.label = label
         self.started = time.monotonic()
         self._last_plain = 0.0
+        self._next_tenth = 0.0
         self._drawn = False
+        self._pending: str | None = None
+        self.rows: list[dict] = []   # (time, progress) samples, for a plot
 
     def line(self, row: dict) -> str:
         step, total = row.get("step") or 0, row.get("total_steps") or 0
@@ -46,23 +49,63 @@ class ProgressBar:
         return "".join(parts)
 
     def update(self, row: dict) -> None:
+        self.rows.append({"t": time.monotonic() - self.started, **row})
         text = self.line(row)
         if self.tty:
             self.stream.write("\r" + text + "\x1b[K")
             self._drawn = True
         else:
+            # Not a terminal: a line per tenth of the job or per PLAIN_EVERY_S, whichever comes first.
             now = time.monotonic()
-            if now - self._last_plain < PLAIN_EVERY_S:
+            total = row.get("total_steps") or 0
+            frac = (row.get("step") or 0) / total if total else 0.0
+            if now - self._last_plain < PLAIN_EVERY_S and frac < self._next_tenth:
+                self._pending = text
                 return
-            self._last_plain = now
+            self._last_plain, self._next_tenth, self._pending = now, frac + 0.1, None
             self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         if self._drawn:
             self.stream.write("\n")
-            self.stream.flush()
             self._drawn = False
+        elif self._pending is not None:  # the last state, so a log ends where the job did
+            self.stream.write(self._pending + "\n")
+            self._pending = None
+        self.stream.flush()
+
+
+def write_loss_plot(rows: list[dict], path: str, *, title: str) -> str | None:
+    """Training loss (and test accuracy) against wall time as a PNG; None if matplotlib is missing.
+
+    rows: progress samples with "t" (seconds since the start), "loss" and
+    optionally "test_accuracy" (the scheduler's `curve`, or the bar's rows).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    pts = [(r["t"], r["loss"]) for r in rows if r.get("loss") is not None]
+    accs = [(r["t"], r["test_accuracy"]) for r in rows if r.get("test_accuracy") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if pts:
+        ax.plot(*zip(*pts, strict=True), color="tab:blue", label="training loss")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    if accs:
+        twin = ax.twinx()
+        twin.plot(*zip(*accs, strict=True), color="tab:green", marker=".", label="test accuracy")
+        twin.set_ylabel("test accuracy")
+        twin.set_ylim(0, 1)
+    fig.legend(loc="center right", bbox_to_anchor=(0.85, 0.5))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def print_summary(summary: dict, *, as_json: bool, stream=None) -> None:
