@@ -57,6 +57,8 @@ class JobRun:
     error: str = ""
     eval_worker: str | None = None
     final: dict | None = None                # the final evaluation, once done
+    stopped_by: str = ""                     # target | cancel | error, when the job stopped early
+    target_seen: float | None = None         # the evaluated accuracy that met target_accuracy
     test_accuracy: float | None = None       # latest evaluation during training
     test_loss: float | None = None
     history: list[dict] = field(default_factory=list)   # evaluations during training
@@ -74,7 +76,14 @@ class JobRun:
         return self.spec["consistency"]["policy"]
 
     def workers(self) -> dict[str, int]:
-        """Live membership: worker -> start clock for the shards (-1: the shard decides)."""
+        """Live membership: worker -> start clock for the shards (-1: the shard decides).
+
+        Empty once the job is stopping: the shards then refuse every further
+        push, so the parameters stay as they were when the job was told to
+        stop (the target reached, a cancel, a failure).
+        """
+        if self.stopping:
+            return {}
         members = {}
         for p in self.partitions:
             if p.worker is not None:

@@ -334,6 +334,8 @@ class Scheduler(SchedulerOps):
             "wall_s": wall,
             "examples_per_s": summary["examples"] / wall if wall > 0 else 0.0,
             "examples": summary["examples"],
+            "stopped_by": run.stopped_by or "steps",
+            "target_accuracy_seen": run.target_seen,
         }
         run.sample(self.now())
         self.registry.update(run.job_id, state=state, finished=time.time(), result=result,

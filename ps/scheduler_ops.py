@@ -154,7 +154,9 @@ class SchedulerOps:
                                 "t": time.time()})
             target = run.spec.get("target_accuracy")
             if target is not None and acc >= target and not run.stopping:
-                run.stopping = True
+                run.stopping, run.stopped_by = True, "target"
+                run.target_seen = float(acc)
+                self._send_membership(run)  # freeze the parameters now, not at the next heartbeat
                 log.info("target accuracy reached", extra={"job": run.job_id, "test_accuracy": acc})
         return {}
 
@@ -184,9 +186,9 @@ class SchedulerOps:
     def _report_failed(self, run, msg) -> dict:
         error = str(msg.state.get("error", "a worker failed"))[:500]
         log.error("job failed", extra={"job": run.job_id, "worker": msg.worker, "why": error})
-        run.error, run.stopping = error, True
-        if run.lost(msg.worker):
-            self._send_membership(run)
+        run.error, run.stopping, run.stopped_by = error, True, "error"
+        run.lost(msg.worker)
+        self._send_membership(run)
         self._leave(msg.worker)
         self.registry.update(run.job_id, error=error)
         return {"stop": True}
@@ -277,8 +279,9 @@ class SchedulerOps:
         run = self.runs.get(msg.job)
         if run is not None:
             run.stopping = run.cancelled = True
+            run.stopped_by = "cancel"
+            self._send_membership(run)  # the shards refuse further pushes at once
             # Keep the run until its workers have left, so they are told to stop.
-            self.registry.update(msg.job, state=reg.CANCELLED)
         log.info("job cancelled", extra={"job": msg.job})
         self._ok(envelope, msg, {"job": msg.job, "state": reg.CANCELLED})
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.errors import ErrorCode
 from protocol.messages import Report
 from protocol.plan import Plan
 from worker.client import ParamClient, ShardError, ShardTimeout
@@ -93,9 +94,15 @@ class Task:
         except (DataError, ValueError) as exc:
             outcome = Outcome("failed", str(exc))
         except ShardError as exc:
-            # Removed from the membership (declared dead while stalled) or the
-            # job was dropped: not this job's failure, just leave it.
-            outcome = Outcome("stopped", str(exc))
+            if exc.code is ErrorCode.UNKNOWN_JOB:
+                # A shard restarted without a checkpoint of this job: its
+                # slices are gone and no worker can bring them back.
+                outcome = Outcome("failed", f"{exc} (the shard lost the job's parameters; "
+                                            "run servers with --checkpoint-dir to survive restarts)")
+            else:
+                # Removed from the membership (declared dead while stalled):
+                # not this job's failure, just leave it.
+                outcome = Outcome("stopped", str(exc))
         except ShardTimeout as exc:
             outcome = Outcome("stopped", str(exc))
         finally:
@@ -181,9 +188,9 @@ class Task:
             grads.update(model.stat_deltas())
             if self.device.name != "cpu":
                 grads = {k: self.device.to_host(v) for k, v in grads.items()}
-            if self.slowdown > 1.0:  # experiments only: make this worker a straggler
-                time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             client.push_pull(grads, clock=None, norm=norm, out=host)
+            if self.slowdown > 1.0:  # experiments only: the whole step takes `slowdown` times as long
+                time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             self._load(model, host)
             step = max(step + 1, max(client.clocks))
             examples += len(x)

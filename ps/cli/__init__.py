@@ -23,6 +23,7 @@ def bench() -> None:
 
 def _register() -> None:
     # Each command lives in its own module; they import heavy code lazily.
+    from ps.cli.cmd_bench_consistency import consistency
     from ps.cli.cmd_bench_nn import nn
     from ps.cli.cmd_jobs import cancel, export, list_jobs, status, submit
     from ps.cli.cmd_run import run
@@ -34,7 +35,8 @@ def _register() -> None:
 
     for command in (scheduler, server, worker, start, submit, status, list_jobs, cancel, export, run, train_local):
         main.add_command(command)
-    bench.add_command(nn)
+    for command in (nn, consistency):
+        bench.add_command(command)
 
 
 _register()

@@ -10,7 +10,9 @@ takes that many times its compute time). Per policy it reports:
   whole training split, sampled every `--poll` seconds) first falls to
   `--target-loss`; null if it never does;
 - steps_per_s: worker steps (one batch's gradient pushed) per second, all
-  workers together, over the job's wall time;
+  workers together, while every worker was training (the job's wall time
+  would hide it: under every policy a job ends with the straggler's last
+  step);
 - test_accuracy: the job's final evaluation;
 - max_staleness_seen: the largest clock spread sampled on the shards
   (fastest minus slowest live worker, in steps). Under SSP(s) it can reach
@@ -52,7 +54,7 @@ BENCH_JOB = {
     "name": "bench-consistency",
     "seed": 0,
     "workers": 3,
-    "steps": 300,
+    "steps": 600,
     "eval_every": 100,
     "target_accuracy": None,
     "model": {"kind": "mlp", "hidden": [256], "activation": "relu"},
@@ -128,7 +130,7 @@ def write_plot(runs, path: str, *, target_loss: float, slowdown: float) -> bool:
         if not pts:
             continue
         first = run.label not in colors
-        kwargs = {"label": run.label if first else None, "lw": 1.6 if first else 1.0, "alpha": 1.0 if first else 0.6}
+        kwargs = {"label": run.label if first else None, "lw": 1.6 if first else 1.0, "alpha": 1.0 if first else 0.35}
         if not first:
             kwargs["color"] = colors[run.label]
         line, = by_time.plot([s.t_s for s in pts], [s.train_loss for s in pts], **kwargs)
@@ -152,7 +154,7 @@ def write_plot(runs, path: str, *, target_loss: float, slowdown: float) -> bool:
 
 @click.command("consistency")
 @click.option("--slowdown", type=click.FloatRange(1.0, 100.0), default=3.0, show_default=True,
-              help="How many times slower the straggler's steps are.")
+              help="The straggler's `psctl worker --slowdown`: it multiplies the compute part of each step.")
 @click.option("--steps", type=click.IntRange(1), default=BENCH_JOB["steps"], show_default=True,
               help="Steps per worker.")
 @click.option("--target-loss", type=click.FloatRange(0.0, min_open=True), default=0.1, show_default=True,
@@ -190,7 +192,8 @@ def consistency(slowdown, steps, target_loss, policies, workers, servers, plot_p
                 click.echo(f"{label}: job {run.job} {run.state}: {run.error or 'no error given'} "
                            f"(logs in {log_dir})", err=True)
             runs.append(run)
-            per_label[label].append(summarize(run, target_loss=target_loss, batch_size=spec["data"]["batch_size"]))
+            per_label[label].append(summarize(run, target_loss=target_loss, workers=workers,
+                                              batch_size=spec["data"]["batch_size"]))
     rows = [aggregate(per_label[label]) for label, _ in jobs]
     if as_json:
         for row in rows:

@@ -50,6 +50,7 @@ class Sample:
     reported_loss: float | None  # the mean of the workers' last batch losses
     steps: int                   # worker steps so far, all workers together
     clock_spread: int            # fastest minus slowest live clock, largest over the shards
+    live_workers: int            # workers in the shards' clock table (finished ones leave it)
     parked: int                  # pulls parked right now, all shards
     version_staleness: int       # largest staleness (in versions) of any push applied so far
 
@@ -89,8 +90,9 @@ class Observer:
         self.client.close()
 
     def sample(self, t_s: float, reported_loss: float | None) -> Sample | None:
-        """One sample, or None while the job's tables are not created yet."""
-        from worker.client import ShardError
+        """One sample, or None while the job's tables are not created yet (or a shard
+        did not answer in time). Blocks for a few round trips; raises ShardError."""
+        from worker.client import ShardError, ShardTimeout
         from worker.trainer import evaluate
 
         try:
@@ -99,6 +101,8 @@ class Observer:
             if len(tables) < len(stats):
                 return None
             self.client.pull(clock=-1, out=self.arrays)
+        except ShardTimeout:
+            return None  # a shard busy past the timeout: skip this sample, not the run
         except ShardError as exc:
             if exc.code.value == "unknown_job":
                 return None
@@ -108,6 +112,7 @@ class Observer:
         hist = [int(k) for t in tables for k, v in t["staleness_hist"].items() if v]
         return Sample(t_s=t_s, train_loss=float(loss), reported_loss=reported_loss,
                       steps=max(t["pushes"] for t in tables), clock_spread=int(spread),
+                      live_workers=max(len(t["clocks"]) for t in tables),
                       parked=sum(t["parked"] for t in tables), version_staleness=max(hist, default=0))
 
 
@@ -169,18 +174,37 @@ def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: 
         cluster.stop()
 
 
-def summarize(run: PolicyRun, *, target_loss: float, batch_size: int) -> dict:
-    """One run's row of the bench's table (the JSON fields of the issue, then extras)."""
+def steps_per_s(samples: list[Sample], workers: int) -> float | None:
+    """Worker steps per second, all workers together, while every worker trained.
+
+    Measured between the first and the last sample at which all `workers`
+    were in the clock table: the job's whole wall time would not show the
+    difference, since under every policy the job ends with the straggler's
+    last step. None with fewer than two such samples (a very short job).
+    """
+    live = [s for s in samples if s.live_workers >= workers]
+    if len(live) < 2 or live[-1].t_s <= live[0].t_s:
+        return None
+    return (live[-1].steps - live[0].steps) / (live[-1].t_s - live[0].t_s)
+
+
+def summarize(run: PolicyRun, *, target_loss: float, workers: int, batch_size: int) -> dict:
+    """One run's row of the bench's table (the JSON fields of the issue, then extras).
+
+    steps_per_s falls back to the job's worker steps over its wall time when
+    the job was too short to sample while every worker trained.
+    """
     reached = next((s for s in run.samples if s.train_loss is not None and s.train_loss <= target_loss), None)
     result = run.result
-    examples = result.get("examples") or 0
     wall = result.get("wall_s") or 0.0
-    steps = examples / batch_size if examples else (run.samples[-1].steps if run.samples else 0)
+    rate = steps_per_s(run.samples, workers)
+    if rate is None and wall > 0 and result.get("examples"):
+        rate = result["examples"] / batch_size / wall
     return {
         "policy": run.policy,
         "staleness_bound": run.staleness_bound,
         "time_to_target_s": round(reached.t_s, 3) if reached else None,
-        "steps_per_s": round(steps / wall, 2) if wall > 0 else None,
+        "steps_per_s": round(rate, 2) if rate is not None else None,
         "test_accuracy": result.get("test_accuracy"),
         "max_staleness_seen": max((s.clock_spread for s in run.samples), default=0),
         "label": run.label,

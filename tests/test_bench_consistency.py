@@ -1,0 +1,77 @@
+"""`psctl bench consistency`, small: the command object in-process (it starts real
+local clusters), tiny steps, the --json rows and the PNG. No timing assertions."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ps.cli.cmd_bench_consistency import consistency, parse_policies
+from ps.cli.consistency_runner import aggregate
+
+ISSUE_FIELDS = {"policy", "staleness_bound", "time_to_target_s", "steps_per_s", "test_accuracy",
+                "max_staleness_seen"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_json_rows_and_png(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    plot = tmp_path / "new-dir" / "consistency.png"  # the directory is created
+    result = CliRunner().invoke(consistency, [
+        "--steps", "12", "--policies", "bsp,ssp1,asp", "--slowdown", "2", "--target-loss", "5.0",
+        "--poll", "0.1", "--json", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["label"] for r in rows] == ["bsp", "ssp1", "asp"]
+    assert [r["policy"] for r in rows] == ["bsp", "ssp", "asp"]
+    assert [r["staleness_bound"] for r in rows] == [None, 1, None]
+    for r in rows:
+        assert ISSUE_FIELDS <= set(r), r
+        assert r["state"] == "succeeded", r
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["steps_per_s"] > 0
+        # A loss of 5 is above the initial one (about ln 10): reached at the first sample.
+        assert r["time_to_target_s"] is not None and r["time_to_target_s"] >= 0
+        assert isinstance(r["max_staleness_seen"], int) and r["max_staleness_seen"] >= 0
+    by = {r["label"]: r for r in rows}
+    assert by["bsp"]["max_staleness_seen"] <= 1 and by["bsp"]["max_version_staleness"] == 0
+    assert by["ssp1"]["max_staleness_seen"] <= 2
+    assert by["asp"]["max_parked_seen"] == 0
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_bench_table_for_people(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    plot = tmp_path / "c.png"
+    result = CliRunner().invoke(consistency, [
+        "--steps", "8", "--policies", "ssp0", "--target-loss", "1e-6", "--poll", "0.1", "--plot", str(plot)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    lines = result.stdout.strip().splitlines()
+    assert lines[1].split()[:3] == ["policy", "s", "to"]
+    assert lines[2].split()[:3] == ["ssp0", "0", "-"]  # a loss of 1e-6 is never reached
+    assert plot.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize("text", ["bsp,ssp", "bsp,foo", "asp,asp", "ssp-1"])
+def test_bad_policy_lists_are_one_sentence(text):
+    result = CliRunner().invoke(consistency, ["--policies", text])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert result.output.strip().startswith("Error: --policies:")
+
+
+def test_parse_policies():
+    assert parse_policies("BSP, ssp10,asp") == [
+        ("bsp", {"policy": "bsp"}), ("ssp10", {"policy": "ssp", "staleness": 10}), ("asp", {"policy": "asp"})]
+
+
+def test_aggregate_takes_medians_with_never_as_infinity():
+    base = {"label": "ssp3", "policy": "ssp", "staleness_bound": 3, "state": "succeeded", "error": "",
+            "steps_per_s": 100.0, "test_accuracy": 0.9, "steps_to_target": 10, "final_train_loss": 0.1,
+            "wall_s": 1.0, "max_staleness_seen": 2, "max_version_staleness": 3, "max_parked_seen": 1}
+    rows = [dict(base, time_to_target_s=t, max_staleness_seen=m) for t, m in ((2.0, 2), (None, 4), (1.0, 3))]
+    out = aggregate(rows)
+    assert out["time_to_target_s"] == 2.0 and out["max_staleness_seen"] == 4
+    assert out["time_to_target_runs"] == [2.0, None, 1.0] and out["repeats"] == 3
+    assert aggregate(rows[:2])["time_to_target_s"] is None  # the median of (2, never) is never
