@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import zmq
 
-from protocol.codec import decode, encode, error_frames, sizes
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.codec import encode
 from protocol.messages import Checkpoint, Membership, Message, Ok
 from protocol.metrics import Registry as Metrics
 from protocol.plan import Plan
 from ps import registry as reg
 from ps.jobrun import EVAL, JobRun
+from ps.router import RouterDaemon
 from ps.scheduler_ops import SchedulerOps
 from ps.shardlinks import ShardLinks
-from ps.transport import bind_router, send_reply, split_envelope
+from ps.transport import bind_router
 
 log = logging.getLogger("pscluster.scheduler")
 
@@ -48,7 +48,6 @@ PROGRESS_SAVE_INTERVAL_S = 2.0
 # How often a running job's progress is sampled for its loss curve.
 CURVE_SAMPLE_INTERVAL_S = 0.2
 TICK_INTERVAL_S = 0.1
-MAX_BATCH_MSGS = 256
 # Epochs are incarnation * EPOCH_STRIDE + counter, so a restarted scheduler's
 # epochs are newer than anything the shards saw from the previous one.
 EPOCH_STRIDE = 1 << 24
@@ -80,8 +79,11 @@ class Waiting:
     epoch: int = 0
 
 
-class Scheduler(SchedulerOps):
+class Scheduler(RouterDaemon, SchedulerOps):
     """The scheduler. `serve()` blocks until shutdown or `stop()`; handlers are in ps/scheduler_ops.py."""
+
+    ROLE = "scheduler"
+    log = log
 
     def __init__(self, bind: str, state_dir: str, *, ctx: zmq.Context | None = None,
                  heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, metrics: Metrics | None = None,
@@ -139,38 +141,6 @@ class Scheduler(SchedulerOps):
         self.sock.close(0)
         self.links.close()
         self.registry.close()
-
-    def _drain(self) -> None:
-        for _ in range(MAX_BATCH_MSGS):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            envelope, body = split_envelope(frames)
-            self.handle(envelope, body)
-
-    def handle(self, envelope: list, frames: list) -> None:
-        """Decode and answer one message; never raises."""
-        try:
-            msg = decode(frames)
-            handler = self.ops.get(msg.OP)
-            if handler is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"op '{msg.OP}' is not served by the scheduler "
-                                    f"(it serves: {', '.join(sorted(self.ops))})", rid=msg.rid)
-            handler(envelope, msg)
-        except ProtocolError as exc:
-            self._reject(envelope, exc)
-        except Exception as exc:  # a bug must not take the scheduler down
-            log.exception("internal error")
-            self._reject(envelope, ProtocolError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
-
-    def _reject(self, envelope: list, exc: ProtocolError) -> None:
-        self.metrics.inc("rejected_total", code=exc.code.value)
-        self._send(envelope, error_frames(exc.rid, exc.code, exc.message))
-
-    def _send(self, envelope: list, frames: list) -> None:
-        if send_reply(self.sock, envelope, frames) is not None:
-            self.metrics.inc("bytes_sent_total", sizes(frames))
 
     def _ok(self, envelope: list, msg: Message, body: dict) -> None:
         self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body=body)))

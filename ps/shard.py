@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import socket as pysocket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 
-from protocol.codec import decode, encode, error_frames, sizes
+from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Heartbeat, Message, Ok, PushPull, Register
 from protocol.metrics import Registry
@@ -29,9 +29,10 @@ from protocol.validate import check_job_id, check_payload, check_sids
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps import checkpoint
 from ps.optim import make_optimizer
-from ps.policy import Accumulate, Answer, Apply, ApplyMean, Park, Policy, Release, Refuse, make_policy
+from ps.policy import Accumulate, Answer, Apply, ApplyMean, Park, Policy, Refuse, Release, make_policy
+from ps.router import MAX_BATCH_MSGS, RouterDaemon
 from ps.table import JobTable
-from ps.transport import bind_router, send_reply, split_envelope
+from ps.transport import bind_router
 
 log = logging.getLogger("pscluster.server")
 
@@ -39,16 +40,17 @@ log = logging.getLogger("pscluster.server")
 HEARTBEAT_INTERVAL_S = 1.0
 # Longest the loop sleeps in poll before running periodic work.
 TICK_INTERVAL_S = 0.1
-# Messages handled per wake-up before periodic work gets a turn.
-MAX_BATCH_MSGS = 256
 # How long a server without --shard-id waits for the scheduler to give it one.
 CLAIM_TIMEOUT_S = 30.0
 # Upper bounds of the staleness histogram (in versions).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
-class Shard:
+class Shard(RouterDaemon):
     """One parameter-server shard. `serve()` blocks until shutdown or `stop()`."""
+
+    ROLE = "server shard"
+    log = log
 
     def __init__(self, shard_id: int | None, bind: str, *, ctx: zmq.Context | None = None,
                  scheduler: str | None = None, advertise: str | None = None,
@@ -120,43 +122,7 @@ class Shard:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
             self._send_scheduler(Heartbeat(role="server", state=self._heartbeat_state()))
 
-    def _drain(self) -> None:
-        for _ in range(MAX_BATCH_MSGS):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            envelope, body = split_envelope(frames)
-            self.handle(envelope, body)
-
-    # --- dispatch ---
-
-    def handle(self, envelope: list, frames: list) -> None:
-        """Decode, validate and answer one message; never raises."""
-        self.metrics.inc("bytes_received_total", sizes(frames))
-        try:
-            msg = decode(frames, max_message_bytes=self.max_message_bytes)
-            handler = self.ops.get(msg.OP)
-            if handler is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"op '{msg.OP}' is not served by a server shard "
-                                    f"(it serves: {', '.join(sorted(self.ops))})", rid=msg.rid)
-            handler(envelope, msg)
-        except ProtocolError as exc:
-            self._reject(envelope, exc)
-        except Exception as exc:  # a bug must not take the shard down with it
-            log.exception("internal error", extra={"shard": self.shard_id})
-            self._reject(envelope, ProtocolError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
-
-    def _reject(self, envelope: list, exc: ProtocolError, job: str = "") -> None:
-        self.metrics.inc("rejected_total", code=exc.code.value)
-        log.info("rejected", extra={"code": exc.code.value, "why": exc.message})
-        self._send(envelope, error_frames(exc.rid, exc.code, exc.message, job=job))
-
-    def _send(self, envelope: list, frames: list, *, track: bool = False) -> list | None:
-        trackers = send_reply(self.sock, envelope, frames, track=track)
-        if trackers is not None:
-            self.metrics.inc("bytes_sent_total", sizes(frames))
-        return trackers
+    # --- dispatch (decode, op table, errors: ps/router.py) ---
 
     def _table(self, msg: Message) -> JobTable:
         table = self.tables.get(msg.job)
@@ -187,7 +153,8 @@ class Shard:
             raise ProtocolError(ErrorCode.BAD_SPEC, str(exc), rid=msg.rid) from None
         unknown = sorted(set(msg.nonlearned) - set(plan.names))
         if unknown:
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"nonlearned tensor {unknown[0]!r} is not in the plan", rid=msg.rid)
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"nonlearned tensor {unknown[0]!r} is not in the plan",
+                                rid=msg.rid)
         if msg.checkpoint_every < 0:
             raise ProtocolError(ErrorCode.BAD_FIELD, "checkpoint_every must be >= 0", rid=msg.rid)
         held = {s.sid: s for s in plan.slices_on(self.shard_id)}

@@ -1,0 +1,73 @@
+"""What every ROUTER daemon in `ps/` does the same way: drain, decode, dispatch, refuse.
+
+The shard and the scheduler both inherit `RouterDaemon` and supply `ops`
+(op -> handler), `sock` (their bound ROUTER), `metrics` and `ROLE`. A
+message is decoded and validated before any handler sees it; a handler
+raises ProtocolError to refuse a request; anything else a handler raises is
+a bug, answered with an `internal` error while the daemon keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import zmq
+
+from protocol.codec import decode, error_frames, sizes
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.metrics import Registry
+from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
+from ps.transport import send_reply, split_envelope
+
+# Messages handled per wake-up before the loop's periodic work gets a turn.
+MAX_BATCH_MSGS = 256
+
+
+class RouterDaemon:
+    """Mixin: the request side of a ROUTER daemon."""
+
+    ROLE = "daemon"                       # named in UNKNOWN_OP errors: "not served by a <ROLE>"
+    sock: zmq.Socket
+    metrics: Registry
+    ops: dict[str, Callable]
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    log = logging.getLogger("pscluster")
+
+    def _drain(self) -> None:
+        """Handle what is waiting on the ROUTER, at most MAX_BATCH_MSGS messages."""
+        for _ in range(MAX_BATCH_MSGS):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            envelope, body = split_envelope(frames)
+            self.handle(envelope, body)
+
+    def handle(self, envelope: list, frames: list) -> None:
+        """Decode, validate and answer one message; never raises."""
+        self.metrics.inc("bytes_received_total", sizes(frames))
+        try:
+            msg = decode(frames, max_message_bytes=self.max_message_bytes)
+            handler = self.ops.get(msg.OP)
+            if handler is None:
+                raise ProtocolError(ErrorCode.UNKNOWN_OP, f"op '{msg.OP}' is not served by a {self.ROLE} "
+                                    f"(it serves: {', '.join(sorted(self.ops))})", rid=msg.rid)
+            handler(envelope, msg)
+        except ProtocolError as exc:
+            self._reject(envelope, exc)
+        except Exception as exc:  # a bug must not take the daemon down with it
+            self.log.exception("internal error")
+            self._reject(envelope, ProtocolError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+
+    def _reject(self, envelope: list, exc: ProtocolError, job: str = "") -> None:
+        """Answer with an `error` reply and count it by code."""
+        self.metrics.inc("rejected_total", code=exc.code.value)
+        self.log.info("rejected", extra={"code": exc.code.value, "why": exc.message})
+        self._send(envelope, error_frames(exc.rid, exc.code, exc.message, job=job))
+
+    def _send(self, envelope: list, frames: list, *, track: bool = False) -> list | None:
+        """Send a reply (never blocks); per-frame trackers, or None if the peer is gone."""
+        trackers = send_reply(self.sock, envelope, frames, track=track)
+        if trackers is not None:
+            self.metrics.inc("bytes_sent_total", sizes(frames))
+        return trackers
