@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -57,10 +58,27 @@ _FIELDS = {op: _field_table(cls) for op, cls in KINDS.items()}
 
 # --- encode -----------------------------------------------------------------
 
+# Header field names per op, in the order the dataclass declares them.
+_NAMES = {op: tuple(name for name, _t, _m in fields) for op, fields in _FIELDS.items()}
+# Allowed dtypes by dtype object: a dict lookup instead of `dtype.name`,
+# which numpy computes in Python on every access (microseconds per slice).
+# Only native byte order is listed; other arrays take the slow path.
+_NAME_OF_DTYPE = {np.dtype(name): name for name in ALLOWED_DTYPES}
+
+
 def _payload_buffer(arr: np.ndarray) -> np.ndarray:
     """A flat uint8 view of `arr`'s bytes; copies only if `arr` is not C-contiguous."""
-    arr = np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
     return arr.reshape(-1).view(np.uint8)
+
+
+def _travelling(arr: np.ndarray) -> tuple[str, np.ndarray]:
+    """(dtype name, array in native byte order) for an array whose dtype is not a plain allowed one."""
+    name = arr.dtype.name
+    if name not in _ALLOWED:
+        raise ValueError(f"dtype {name} cannot travel; allowed: {', '.join(ALLOWED_DTYPES)}")
+    return name, arr.astype(arr.dtype.newbyteorder("="))  # frames carry native (little-endian) bytes
 
 
 def encode(msg: Message) -> list:
@@ -69,17 +87,22 @@ def encode(msg: Message) -> list:
     Payload buffers are views of the message's arrays (no copy when they are
     C-contiguous). Raises ValueError for a payload dtype outside the allow-list.
     """
-    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": msg.OP}
-    for name, _type, _meta in _FIELDS[msg.OP]:
-        header[name] = getattr(msg, name)
+    op = msg.OP
+    values = msg.__dict__  # frozen dataclass: every field is in __dict__
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "op": op}
+    for name in _NAMES[op]:
+        header[name] = values[name]
     frames: list = [b""]
     if msg.HAS_PAYLOAD:
         metas = []
         for sl in msg.slices:
-            arr = np.asarray(sl.data)
-            if arr.dtype.name not in _ALLOWED:
-                raise ValueError(f"dtype {arr.dtype.name} cannot travel; allowed: {', '.join(ALLOWED_DTYPES)}")
-            metas.append([int(sl.sid), arr.dtype.name, int(arr.size), list(arr.shape)])
+            arr = sl.data
+            if type(arr) is not np.ndarray:
+                arr = np.asarray(arr)
+            name = _NAME_OF_DTYPE.get(arr.dtype)
+            if name is None:
+                name, arr = _travelling(arr)
+            metas.append([int(sl.sid), name, arr.size, list(arr.shape)])
             frames.append(_payload_buffer(arr))
         header["s"] = metas
     frames[0] = msgpack.packb(header, use_bin_type=True)
@@ -127,15 +150,60 @@ def _check_value(op: str, name: str, tname: str, meta: dict, value: Any, rid: in
     return value
 
 
+# Per op: (name, exact Python type, needs the full check) for every header
+# field. A value whose type is exactly the declared one and that has no
+# items, values or finiteness to check is taken as is; anything else goes
+# through `_check_value`, which also produces the error sentence.
+_FAST_FIELDS = {
+    op: tuple((name, _SCALAR_TYPES[tname], tname == "float" or bool(meta), tname, meta)
+              for name, tname, meta in fields)
+    for op, fields in _FIELDS.items()
+}
+_KNOWN_KEYS = {op: frozenset({"v", "op", "s"} | {name for name, _t, _m in fields}) for op, fields in _FIELDS.items()}
+_UNPACK_LIMITS = {
+    "raw": False, "strict_map_key": True, "use_list": True,
+    "max_str_len": MAX_HEADER_BYTES, "max_bin_len": 0,
+    "max_array_len": MAX_HEADER_ITEMS, "max_map_len": MAX_HEADER_ITEMS, "max_ext_len": 0,
+}
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+
+
+def _builder(cls: type[Message]):
+    """A fast constructor for `cls` from already-checked field values.
+
+    A frozen dataclass's __init__ sets each field through object.__setattr__;
+    filling the instance's __dict__ with the defaults and then the decoded
+    values builds the same object in a fraction of the time. Kinds that
+    define __post_init__ keep their real __init__.
+    """
+    if hasattr(cls, "__post_init__"):
+        return lambda kwargs: cls(**kwargs)
+    fixed = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    factories = {f.name: f.default_factory for f in dataclasses.fields(cls)
+                 if f.default_factory is not dataclasses.MISSING}
+    new = object.__new__
+
+    def build(kwargs: dict) -> Message:
+        obj = new(cls)
+        values = obj.__dict__
+        values.update(fixed)
+        for name, factory in factories.items():
+            if name not in kwargs:
+                values[name] = factory()
+        values.update(kwargs)
+        return obj
+
+    return build
+
+
+_BUILD = {op: _builder(cls) for op, cls in KINDS.items()}
+
+
 def _unpack_header(frame: Any) -> dict:
     if _nbytes(frame) > MAX_HEADER_BYTES:
         raise _bad(ErrorCode.TOO_LARGE, f"header of {_nbytes(frame)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=MAX_HEADER_BYTES, max_bin_len=0,
-            max_array_len=MAX_HEADER_ITEMS, max_map_len=MAX_HEADER_ITEMS, max_ext_len=0,
-        )
+        header = msgpack.unpackb(frame, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise _bad(ErrorCode.BAD_FRAME, f"header is not a msgpack map ({type(exc).__name__})") from None
     if not isinstance(header, dict):
@@ -158,7 +226,12 @@ def _decode_base(header: dict) -> tuple[int, str]:
     return rid, op
 
 
-def _decode_slices(op: str, header: dict, payload: Sequence[Any], rid: int) -> tuple:
+def _is_count(value: Any) -> bool:
+    """A non-negative int that is not a bool."""
+    return type(value) is int and value >= 0
+
+
+def _decode_slices(op: str, header: dict, payload: Sequence[Any], sizes: Sequence[int], rid: int) -> tuple:
     metas = header.get("s", [])
     if not isinstance(metas, list):
         raise _bad(ErrorCode.BAD_FIELD, f"field 's' of '{op}' must be a list, found {type(metas).__name__}", rid)
@@ -167,34 +240,37 @@ def _decode_slices(op: str, header: dict, payload: Sequence[Any], rid: int) -> t
                    f"header lists {len(metas)} payload frames but {len(payload)} arrived", rid)
     seen: set[int] = set()
     out = []
-    for i, (meta, frame) in enumerate(zip(metas, payload)):
+    for i, meta in enumerate(metas):
         if not (isinstance(meta, list) and len(meta) == 4):
             raise _bad(ErrorCode.BAD_FIELD, f"slice meta {i} must be [sid, dtype, count, shape]", rid)
         sid, dtype, count, shape = meta
-        if not isinstance(sid, int) or isinstance(sid, bool) or sid < 0:
-            raise _bad(ErrorCode.BAD_FIELD, f"slice meta {i}: slice id must be a non-negative int, found {sid!r:.40}", rid)
+        if not _is_count(sid):
+            raise _bad(ErrorCode.BAD_FIELD,
+                       f"slice meta {i}: slice id must be a non-negative int, found {sid!r:.40}", rid)
         if sid in seen:
             raise _bad(ErrorCode.BAD_FIELD, f"slice {sid} appears twice in one message", rid)
         seen.add(sid)
-        if not isinstance(dtype, str) or dtype not in _ALLOWED:
+        np_dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if np_dtype is None:
             raise _bad(ErrorCode.BAD_DTYPE,
                        f"slice {sid}: dtype {dtype!r:.40} is not allowed (allowed: {', '.join(ALLOWED_DTYPES)})", rid)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        if not _is_count(count):
             raise _bad(ErrorCode.BAD_FIELD, f"slice {sid}: count must be a non-negative int, found {count!r:.40}", rid)
-        if (not isinstance(shape, list) or len(shape) > 32
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if not isinstance(shape, list) or len(shape) > 32 or not all(_is_count(d) for d in shape):
             raise _bad(ErrorCode.BAD_FIELD, f"slice {sid}: shape must be a list of non-negative ints", rid)
-        if math.prod(shape) != count:
+        if (shape[0] if len(shape) == 1 else math.prod(shape)) != count:
             raise _bad(ErrorCode.BAD_FIELD, f"slice {sid}: shape {shape} does not hold {count} elements", rid)
-        itemsize = np.dtype(dtype).itemsize
-        size = _nbytes(frame)
+        itemsize = np_dtype.itemsize
+        size = sizes[i]
         if size != count * itemsize:
             raise _bad(ErrorCode.BAD_LENGTH,
                        f"slice {sid}: frame has {size} bytes, expected {count} x {itemsize} = {count * itemsize}", rid)
         if count == 0:
-            arr = np.empty(shape, dtype=dtype)
+            arr = np.empty(shape, dtype=np_dtype)
         else:
-            arr = np.frombuffer(frame, dtype=dtype, count=count).reshape(shape)
+            arr = np.frombuffer(payload[i], dtype=np_dtype, count=count)
+            if len(shape) != 1:
+                arr = arr.reshape(shape)
         out.append(SliceData(sid, arr))
     return tuple(out)
 
@@ -209,22 +285,24 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAG
     if not frames:
         raise _bad(ErrorCode.BAD_FRAME, "empty message: no header frame")
     try:
-        total = sum(_nbytes(f) for f in frames)
+        sizes = [memoryview(f).nbytes for f in frames]
     except TypeError:
         raise _bad(ErrorCode.BAD_FRAME, "a frame is not a byte buffer") from None
     header = _unpack_header(frames[0])
     rid, op = _decode_base(header)
-    if total > max_message_bytes:
-        raise _bad(ErrorCode.TOO_LARGE, f"message of {total} bytes exceeds the limit of {max_message_bytes}", rid)
+    if sum(sizes) > max_message_bytes:
+        raise _bad(ErrorCode.TOO_LARGE, f"message of {sum(sizes)} bytes exceeds the limit of {max_message_bytes}", rid)
     cls = KINDS[op]
-    known = {"v", "op", "s"} | {name for name, _t, _m in _FIELDS[op]}
-    extra = sorted(k for k in header if k not in known)
-    if extra:
+    if not _KNOWN_KEYS[op].issuperset(header):
+        extra = sorted(k for k in header if k not in _KNOWN_KEYS[op])
         raise _bad(ErrorCode.BAD_FIELD, f"'{op}' has no field {extra[0]!r:.40}", rid)
     kwargs: dict[str, Any] = {}
-    for name, tname, meta in _FIELDS[op]:
+    for name, want, full, tname, meta in _FAST_FIELDS[op]:
         if name in header:
-            kwargs[name] = _check_value(op, name, tname, meta, header[name], rid)
+            value = header[name]
+            if full or type(value) is not want:
+                value = _check_value(op, name, tname, meta, value, rid)
+            kwargs[name] = value
     for name in ("job", "worker"):
         if len(kwargs.get(name, "")) > MAX_ID_CHARS:
             raise _bad(ErrorCode.BAD_FIELD, f"field '{name}' is longer than {MAX_ID_CHARS} characters", rid)
@@ -233,10 +311,10 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAG
         raise _bad(ErrorCode.BAD_CLOCK, f"clock {clock} is outside [-1, {MAX_CLOCK}]", rid)
     payload = frames[1:]
     if cls.HAS_PAYLOAD:
-        kwargs["slices"] = _decode_slices(op, header, payload, rid)
+        kwargs["slices"] = _decode_slices(op, header, payload, sizes[1:], rid)
     elif payload or "s" in header:
         raise _bad(ErrorCode.TRUNCATED, f"'{op}' carries no payload but {len(payload)} frames arrived", rid)
-    return cls(**kwargs)
+    return _BUILD[op](kwargs)
 
 
 def raise_if_error(msg: Message) -> Message:
@@ -252,4 +330,4 @@ def raise_if_error(msg: Message) -> Message:
 
 def sizes(frames: Iterable[Any]) -> int:
     """Total bytes of `frames`, for byte counters."""
-    return sum(_nbytes(f) for f in frames)
+    return sum([memoryview(f).nbytes for f in frames])

@@ -56,11 +56,11 @@ class Registry:
         self._help[name] = (kind, text)
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(sorted(labels.items())) if labels else ())
         self._values[key] = self._values.get(key, 0.0) + amount
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        self._values[(name, tuple(sorted(labels.items())))] = float(value)
+        self._values[(name, tuple(sorted(labels.items())) if labels else ())] = float(value)
 
     def get(self, name: str, **labels: str) -> float:
         return self._values.get((name, tuple(sorted(labels.items()))), 0.0)

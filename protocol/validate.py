@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
+import numpy as np
+
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import SliceData
 from protocol.plan import SliceSpec
@@ -20,6 +22,17 @@ def check_sids(sids: Iterable[int], held: Mapping[int, SliceSpec], *, rid: int =
         if sid not in held:
             raise ProtocolError(ErrorCode.UNKNOWN_SLICE,
                                 f"slice {sid} is not held by this shard for job {job!r}", rid=rid)
+
+
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def _dtype(name: str) -> np.dtype:
+    """np.dtype(name), cached: comparing dtype objects is cheap, `dtype.name` is not."""
+    dt = _DTYPES.get(name)
+    if dt is None:
+        dt = _DTYPES[name] = np.dtype(name)
+    return dt
 
 
 def check_payload(slices: Iterable[SliceData], held: Mapping[int, SliceSpec], *,
@@ -35,7 +48,7 @@ def check_payload(slices: Iterable[SliceData], held: Mapping[int, SliceSpec], *,
         if spec is None:
             raise ProtocolError(ErrorCode.UNKNOWN_SLICE,
                                 f"slice {sl.sid} is not held by this shard for job {job!r}", rid=rid)
-        if sl.data.dtype.name != spec.dtype:
+        if sl.data.dtype != _dtype(spec.dtype):
             raise ProtocolError(ErrorCode.BAD_DTYPE,
                                 f"slice {sl.sid} ({spec.name}) is {spec.dtype}, found {sl.data.dtype.name}", rid=rid)
         if sl.data.size != spec.count:

@@ -260,6 +260,7 @@ class Optimizer:
                       "adagrad": _adagrad, "rmsprop": _rmsprop, "adam": _adam}[self.kind]
         f32 = np.float32
         self._wd = f32(s["weight_decay"])
+        self._decayed = bool(self._wd != 0)
         self._eps = f32(s["eps"])
         self._mu = f32(s["momentum"])
         self._rho = (f32(s["rho"]), f32(1.0 - s["rho"]))
@@ -337,12 +338,18 @@ class Optimizer:
         p = _flat(param, "param", n, write=True)
         g = _flat(grad, "grad", n, write=False)
         st = tuple(_flat(state[key], f"state[{key!r}]", n, write=True) for key in self._state_keys)
-        k = self._consts(state, self.lr_at(step) * lr_scale)
+        lr = self.lr_at(step) * lr_scale
+        k = self._consts(state, lr)
         gs = np.float32(grad_scale)
         wd = self._wd
-        scaled, decayed = bool(gs != 1), bool(wd != 0)
-        rule = _sgd_unit if self._rule is _sgd and k[0] == -1 else self._rule
+        # Python floats first: numpy scalar comparisons cost a microsecond each.
+        scaled = grad_scale != 1.0 and bool(gs != 1)
+        decayed = self._decayed
+        rule = _sgd_unit if self._rule is _sgd and (lr == 1.0 or k[0] == -1) else self._rule
         scratch = _SCRATCH
+        if n <= CHUNK_ELEMS and not (scaled or decayed):
+            rule(p, g, st, scratch.t[:n], k)  # one chunk, nothing to scale: the same bits
+            return
         for lo in range(0, n, CHUNK_ELEMS):
             hi = min(lo + CHUNK_ELEMS, n)
             pc = p[lo:hi]

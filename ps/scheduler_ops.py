@@ -161,9 +161,22 @@ class SchedulerOps:
         return {}
 
     def _report_final(self, run, msg) -> dict:
-        if run.eval_worker == msg.worker:
-            run.final = dict(msg.state)
-            self._finish_runs()
+        if run.eval_worker != msg.worker:
+            return {"stop": True}
+        target, acc = run.spec.get("target_accuracy"), msg.state.get("test_accuracy")
+        if (run.stopped_by == "target" and isinstance(acc, (int, float)) and acc < target
+                and not all(p.done for p in run.partitions)):
+            # The target was met by parameters one worker pulled; the frozen
+            # ones (a few pushes later) fall short. Train on rather than end
+            # below the target: the partitions resume where they stopped.
+            log.info("final evaluation below the target: training resumes",
+                     extra={"job": run.job_id, "test_accuracy": acc, "target": target})
+            run.stopping, run.stopped_by, run.target_seen, run.eval_worker = False, "", None, None
+            self._send_membership(run)
+            self.schedule(self.now())
+            return {"stop": True}
+        run.final = dict(msg.state)
+        self._finish_runs()
         return {"stop": True}
 
     def _report_done(self, run, msg) -> dict:

@@ -79,7 +79,10 @@ class Shard(RouterDaemon):
             "push_pull": self.on_push_pull, "membership": self.on_membership, "stats": self.on_stats,
             "checkpoint": self.on_checkpoint, "drop": self.on_drop, "shutdown": self.on_shutdown,
         }
+        self._staleness_hists: dict = {}  # job -> its staleness histogram
+        self._parked_gauge = 0
         self._describe_metrics()
+        self.metrics.set("parked_pulls", 0)
         if shard_id is None:
             self._claim_shard_id()
         if checkpoint_dir:
@@ -270,7 +273,11 @@ class Shard(RouterDaemon):
                 table.apply(msg.slices, step=step, grad_scale=opt.clip_scale(msg.norm),
                             lr_scale=opt.staleness_scale(action.staleness))
                 table.record_staleness(action.staleness)
-                self.metrics.histogram("staleness", STALENESS_BUCKETS, job=table.job).observe(action.staleness)
+                hist = self._staleness_hists.get(table.job)
+                if hist is None:  # looked up once per job: the labelled lookup sorts labels each time
+                    hist = self._staleness_hists[table.job] = self.metrics.histogram(
+                        "staleness", STALENESS_BUCKETS, job=table.job)
+                hist.observe(action.staleness)
             elif isinstance(action, Accumulate):
                 _env, msg, _ = requests[action.push]
                 table.accumulate(action.step, msg.slices, grad_scale=table.optimizer.clip_scale(msg.norm))
@@ -293,7 +300,9 @@ class Shard(RouterDaemon):
                     self._reject(ctx[0], ProtocolError(action.code, action.message, rid=ctx[1].rid), job=table.job)
             else:  # pragma: no cover - a policy bug, surfaced loudly
                 raise TypeError(f"unknown policy action {action!r}")
-        self.metrics.set("parked_pulls", len(self.parked))
+        if len(self.parked) != self._parked_gauge:
+            self._parked_gauge = len(self.parked)
+            self.metrics.set("parked_pulls", self._parked_gauge)
         return refused
 
     # --- control ---

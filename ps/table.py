@@ -12,7 +12,7 @@ goes out exactly as it was, and the shard never blocks on a slow peer.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -70,7 +70,7 @@ class JobTable:
         """
         if not trackers:
             return
-        for sl, tracker in zip(slices, trackers[1:]):
+        for sl, tracker in zip(slices, trackers[1:], strict=False):  # frame 0 is the header
             if tracker is not None and not tracker.done:
                 self._inflight.setdefault(sl.sid, []).append(tracker)
 

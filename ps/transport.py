@@ -3,11 +3,19 @@
 The one module of `ps/` besides the daemon loops that knows about ZeroMQ
 sockets (STYLE.md, habit 3): ROUTER with ROUTER_MANDATORY, linger 0,
 bounded high-water marks.
+
+It also tunes the C allocator once per process (`keep_freed_buffers`):
+ZeroMQ allocates a fresh buffer for every message frame it receives, and
+glibc by default hands a freed buffer of several MiB back to the kernel, so
+the next message of that size page-faults every page in again; at 16 MiB
+per push that cost a shard thousands of page faults per message and
+doubled the push time (measured with `psctl bench pushpull`).
 """
 from __future__ import annotations
 
+import ctypes
 import errno
-from typing import Sequence
+from collections.abc import Sequence
 
 import zmq
 
@@ -15,6 +23,48 @@ import zmq
 # peer cannot make a daemon hold unbounded memory; 1000 is ZeroMQ's default.
 SEND_HWM_MSGS = 1000
 RECV_HWM_MSGS = 1000
+# Frames smaller than this are copied into ZeroMQ's own buffer rather than
+# lent zero-copy: pyzmq's own cut-off, below which lending costs more than it saves.
+COPY_THRESHOLD_BYTES = zmq.COPY_THRESHOLD
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+# Buffers up to this size come from the heap (and are reused) rather than a
+# fresh mmap each; 32 MiB is the most glibc accepts on 64-bit, and covers
+# frames of the default 4 MiB partition with room to spare.
+MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024**2
+# Free memory a process keeps at the top of its heap instead of returning it
+# to the kernel: the receive buffers of the largest message it keeps seeing.
+MALLOC_TRIM_THRESHOLD_BYTES = 256 * 1024**2
+_allocator_tuned: bool | None = None
+
+
+def keep_freed_buffers() -> bool:
+    """Make glibc keep and reuse freed message buffers; True if it could.
+
+    Idempotent and process-wide; call it before the first ZeroMQ socket so
+    the I/O thread shares the main heap (one arena: a buffer the I/O thread
+    allocates and the main thread frees goes back where the next one comes
+    from, and a message of more than 64 MiB does not get a thread heap of
+    its own that glibc unmaps once it is free). The process keeps up to
+    MALLOC_TRIM_THRESHOLD_BYTES of freed memory instead of returning it.
+    A no-op returning False where the C library has no mallopt.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = False
+        try:
+            mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+        except (OSError, AttributeError):
+            return False
+        mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+                                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
+                                and mallopt(_M_ARENA_MAX, 1))
+    return _allocator_tuned
 
 
 class BindError(RuntimeError):
@@ -27,6 +77,7 @@ def bind_router(ctx: zmq.Context, addr: str) -> tuple[zmq.Socket, str]:
     A port of 0 or '*' picks a free port. Raises BindError naming the
     address when the port is taken or the address is not ours.
     """
+    keep_freed_buffers()  # before the socket starts the context's I/O thread
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -66,7 +117,9 @@ def send_reply(sock: zmq.Socket, envelope: Sequence, frames: Sequence, *, track:
     Never blocks: a peer that vanished (EHOSTUNREACH) or whose queue is full
     (EAGAIN) loses this reply and will re-ask (clients retry with the same
     request id). Payload frames go without a copy; with `track`, each
-    frame's tracker tells when ZeroMQ no longer reads its memory.
+    frame's tracker tells when ZeroMQ no longer reads its memory. Frames
+    under ZeroMQ's copy threshold are copied at once (pyzmq would copy them
+    anyway) and have no tracker (None): their memory is free on return.
     """
     try:
         sock.send(envelope[0], zmq.SNDMORE | zmq.DONTWAIT, copy=True)
@@ -81,5 +134,10 @@ def send_reply(sock: zmq.Socket, envelope: Sequence, frames: Sequence, *, track:
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         flags = 0 if i == last else zmq.SNDMORE
-        trackers.append(sock.send(frame, flags, copy=False, track=track))
+        if memoryview(frame).nbytes < COPY_THRESHOLD_BYTES:
+            # A plain copying send skips building a zero-copy Frame object.
+            sock.send(frame, flags, copy=True)
+            trackers.append(None)
+        else:
+            trackers.append(sock.send(frame, flags, copy=False, track=track))
     return trackers

@@ -1,9 +1,12 @@
 """The parameter client: pull, push and push_pull across every shard at once.
 
 One DEALER per shard. A request goes to all shards that hold a wanted
-slice, then the replies are gathered with one poller; each reply's slices
+slice, then the replies are gathered with one poll; each reply's slices
 are copied once, straight into the result tensors (or into arrays the
-caller passes as `out`, e.g. the model's own parameters).
+caller passes as `out`, e.g. the model's own parameters), as soon as that
+reply arrives, while the other shards' replies are still on the way.
+Received frames are never kept: their buffers go back to the allocator for
+the next reply (see `keep_freed_buffers`).
 
 Requests are retried Lazy-Pirate style: a shard that does not answer within
 `timeout_s` gets the same request (same request id) again on a fresh
@@ -15,12 +18,13 @@ sentence.
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import socket as pysocket
 import time
 import uuid
-from typing import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import zmq
@@ -38,6 +42,42 @@ REQUEST_RETRIES = 3
 MAX_POLICY_WAIT_S = 600.0
 # Messages queued per shard socket before send blocks.
 SEND_HWM_MSGS = 100
+# Frames smaller than this are copied into ZeroMQ's buffer instead of lent
+# zero-copy (pyzmq's own cut-off; a plain copy skips building a Frame object).
+COPY_THRESHOLD_BYTES = zmq.COPY_THRESHOLD
+
+
+# glibc mallopt parameters (malloc.h) and the values ps/transport.py uses
+# for the daemons (the same reasoning; worker/ cannot import ps/).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024**2
+MALLOC_TRIM_THRESHOLD_BYTES = 256 * 1024**2
+_allocator_tuned: bool | None = None
+
+
+def keep_freed_buffers() -> bool:
+    """Make glibc keep and reuse freed receive buffers; True if it could.
+
+    ZeroMQ allocates a fresh buffer for every frame it receives; by default
+    glibc returns a freed multi-MiB buffer to the kernel and the next reply
+    page-faults it in again, which halves the throughput of large pulls.
+    Idempotent and process-wide (one heap arena, large buffers from the
+    heap, freed memory kept); a no-op returning False without glibc.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is None:
+        _allocator_tuned = False
+        try:
+            mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+        except (OSError, AttributeError):
+            return False
+        mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+                                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
+                                and mallopt(_M_ARENA_MAX, 1))
+    return _allocator_tuned
 
 
 class ShardTimeout(TimeoutError):
@@ -59,11 +99,21 @@ def default_worker_id() -> str:
     return f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+def _send(sock: zmq.Socket, frames: list) -> None:
+    """Send one multipart message: small frames copied, large ones lent without a copy."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        flags = 0 if i == last else zmq.SNDMORE
+        sock.send(frame, flags, copy=memoryview(frame).nbytes < COPY_THRESHOLD_BYTES)
+
+
 class ParamClient:
     """Talks to the shards of one job. Not thread-safe: one per thread.
 
     All calls block until every involved shard answered; they raise
-    ShardTimeout, ShardError or ValueError (bad arguments).
+    ShardTimeout, ShardError or ValueError (bad arguments). Arguments are
+    checked before anything is sent; after a ShardTimeout or ShardError,
+    arrays passed as `out` may hold the new values of some shards' slices.
     """
 
     def __init__(self, shards: Sequence[str], plan: Plan, *, job: str, worker: str | None = None,
@@ -87,6 +137,13 @@ class ParamClient:
         self._tensors = {t.name: t for t in plan.tensors}
         self._sids_of: dict[str, list[int]] = {name: [s.sid for s in plan.slices_of(name)] for name in self._tensors}
         self._slice = {s.sid: s for s in plan.slices}
+        # Per tensor, where each of its slices lives: (shard, sid, start, stop).
+        self._pieces = {name: [(self._slice[sid].shard, sid, self._slice[sid].start, self._slice[sid].stop)
+                               for sid in sids] for name, sids in self._sids_of.items()}
+        # Shards holding any slice; a request for every tensor names no sids
+        # (the shard sends all it holds), which keeps the header small.
+        self._all_shards = sorted({s.shard for s in plan.slices})
+        keep_freed_buffers()  # before the first socket starts the context's I/O thread
 
     # --- sockets ---
 
@@ -109,7 +166,7 @@ class ParamClient:
         for k in range(len(self._socks)):
             self._reset(k)
 
-    def __enter__(self) -> "ParamClient":
+    def __enter__(self) -> ParamClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,35 +174,39 @@ class ParamClient:
 
     # --- the request engine ---
 
-    def _exchange(self, requests: dict[int, Message], *, patient: bool = False) -> dict[int, Ok]:
+    def _exchange(self, requests: dict[int, Message], *, patient: bool = False,
+                  sink: Callable[[Ok], None] | None = None) -> dict[int, Ok]:
         """Send each shard its request and gather every reply (Lazy Pirate).
 
         `patient`: the request may be held by a policy, so keep re-sending
-        until max_wait_s rather than giving up after `retries`.
+        until max_wait_s rather than giving up after `retries`. `sink` is
+        called with each reply as it arrives (before the others are in).
         """
         frames = {k: encode(msg) for k, msg in requests.items()}
         for k, f in frames.items():
-            self._sock(k).send_multipart(f, copy=False)
+            _send(self._sock(k), f)
         replies: dict[int, Ok] = {}
-        tries = {k: 0 for k in requests}
+        tries = dict.fromkeys(requests, 0)
         started = time.monotonic()
-        deadline = {k: started + self.timeout_s for k in requests}
-        while len(replies) < len(requests):
-            waiting = [k for k in requests if k not in replies]
-            poller = zmq.Poller()
-            for k in waiting:
-                poller.register(self._sock(k), zmq.POLLIN)
+        deadline = dict.fromkeys(requests, started + self.timeout_s)
+        waiting = list(requests)
+        while waiting:
             wait_ms = max(0, int((min(deadline[k] for k in waiting) - time.monotonic()) * 1000))
-            ready = dict(poller.poll(wait_ms))
+            # zmq_poll on a fresh list: a Poller object per wait costs more than the poll.
+            ready = [sock for sock, _events in zmq.zmq_poll([(self._socks[k], zmq.POLLIN) for k in waiting], wait_ms)]
             for k in waiting:
-                sock = self._socks[k]
-                if sock is not None and sock in ready:
+                if self._socks[k] in ready:
                     reply = self._receive(k, requests[k])
                     if reply is not None:
                         replies[k] = reply
+                        if sink is not None:
+                            sink(reply)
+            waiting = [k for k in waiting if k not in replies]
+            if not waiting:
+                break
             now = time.monotonic()
             for k in waiting:
-                if k in replies or now < deadline[k]:
+                if now < deadline[k]:
                     continue
                 tries[k] += 1
                 out_of_time = now - started >= self.max_wait_s if patient else tries[k] > self.retries
@@ -154,7 +215,7 @@ class ParamClient:
                         f"shard {k} at {self.addrs[k]} did not answer '{requests[k].OP}' for job {self.job!r} "
                         f"within {now - started:.1f}s ({tries[k] - 1} retries)")
                 self._reset(k)  # Lazy Pirate: a fresh socket, the same request
-                self._sock(k).send_multipart(frames[k], copy=False)
+                _send(self._sock(k), frames[k])
                 deadline[k] = now + self.timeout_s * (1 if patient else min(2 ** tries[k], 8))
         return replies
 
@@ -174,10 +235,12 @@ class ParamClient:
         if not isinstance(reply, Ok):
             raise ShardError(k, self.addrs[k], ProtocolError(ErrorCode.BAD_FRAME, f"unexpected reply op {reply.OP}"))
         body = reply.body
-        if isinstance(body.get("version"), int):
-            self.versions[k] = body["version"]
-        if isinstance(body.get("clock"), int):
-            self.clocks[k] = body["clock"]
+        version = body.get("version")
+        if type(version) is int:
+            self.versions[k] = version
+        clock = body.get("clock")
+        if type(clock) is int:
+            self.clocks[k] = clock
         return reply
 
     # --- helpers ---
@@ -195,23 +258,29 @@ class ParamClient:
             flat = np.ascontiguousarray(grad, dtype=spec.dtype).reshape(-1)
             if flat.size != spec.size:
                 raise ValueError(f"gradient {name!r} has {flat.size} elements; the plan says {spec.size}")
-            for sid in self._sids_of[name]:
-                s = self._slice[sid]
-                per_shard.setdefault(s.shard, []).append(SliceData(sid, flat[s.start:s.stop]))
+            for shard, sid, start, stop in self._pieces[name]:
+                sl = SliceData(sid, flat[start:stop])
+                if shard in per_shard:
+                    per_shard[shard].append(sl)
+                else:
+                    per_shard[shard] = [sl]
         return per_shard
 
     def _wanted(self, names: Sequence[str] | None) -> dict[int, list[int]]:
-        names = list(self._tensors) if names is None else list(names)
+        """Slice ids to ask each shard for; an empty list means all it holds (names=None)."""
+        if names is None:
+            return {k: [] for k in self._all_shards}
         per_shard: dict[int, list[int]] = {}
         for name in names:
             if name not in self._tensors:
                 raise ValueError(f"tensor {name!r} is not in job {self.job!r}'s plan")
-            for sid in self._sids_of[name]:
-                per_shard.setdefault(self._slice[sid].shard, []).append(sid)
+            for shard, sid, _start, _stop in self._pieces[name]:
+                per_shard.setdefault(shard, []).append(sid)
         return per_shard
 
-    def _assemble(self, names: Sequence[str] | None, replies: dict[int, Ok],
-                  out: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    def _results(self, names: Sequence[str] | None,
+                 out: Mapping[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], Callable[[Ok], None]]:
+        """The result tensors (from `out` where given, checked) and a sink that copies a reply into them."""
         names = list(self._tensors) if names is None else list(names)
         result: dict[str, np.ndarray] = {}
         for name in names:
@@ -223,13 +292,16 @@ class ParamClient:
                 raise ValueError(f"out[{name!r}] must be a C-contiguous {spec.dtype} array of shape {spec.shape}")
             result[name] = arr
         flats = {name: arr.reshape(-1) for name, arr in result.items()}
-        for reply in replies.values():
+        where = self._slice
+
+        def sink(reply: Ok) -> None:
             for sl in reply.slices:
-                s = self._slice.get(sl.sid)
-                if s is None or s.name not in flats:
-                    continue
-                flats[s.name][s.start:s.stop] = sl.data  # the one copy: frame -> result
-        return result
+                s = where.get(sl.sid)
+                flat = None if s is None else flats.get(s.name)
+                if flat is not None:
+                    flat[s.start:s.stop] = sl.data  # the one copy: frame -> result
+
+        return result, sink
 
     # --- public API ---
 
@@ -258,9 +330,10 @@ class ParamClient:
         reported for this worker. Values are copied into `out[name]` when given.
         """
         wanted = self._wanted(names)
+        result, sink = self._results(names, out)
         requests = {k: Pull(**self._common(k, clock), sids=sids) for k, sids in wanted.items()}
-        replies = self._exchange(requests, patient=clock != -1)
-        return self._assemble(names, replies, out)
+        self._exchange(requests, patient=clock != -1, sink=sink)
+        return result
 
     def push(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0) -> None:
         """Send gradients (for step `clock`) to the shards holding them; returns once all acknowledged."""
@@ -275,14 +348,15 @@ class ParamClient:
         """Push step `clock`'s gradients and get the values for the next step, one round trip per shard."""
         per_shard = self._grad_slices(grads)
         wanted = self._wanted(names)
+        result, sink = self._results(names, out)
         shards = sorted(set(per_shard) | set(wanted))
         requests = {
             k: PushPull(**self._common(k, clock), base_version=self.versions[k], norm=norm,
-                        sids=wanted.get(k, []) if names is not None else [], slices=tuple(per_shard.get(k, ())))
+                        sids=wanted.get(k, []), slices=tuple(per_shard.get(k, ())))
             for k in shards
         }
-        replies = self._exchange(requests, patient=clock != -1)
-        return self._assemble(names, replies, out)
+        self._exchange(requests, patient=clock != -1, sink=sink)
+        return result
 
     def stats(self) -> list[dict]:
         """Every shard's `stats` body (counters, tables), in shard order."""

@@ -25,6 +25,7 @@ def _register() -> None:
     # Each command lives in its own module; they import heavy code lazily.
     from ps.cli.cmd_bench_consistency import consistency
     from ps.cli.cmd_bench_nn import nn
+    from ps.cli.cmd_bench_pushpull import pushpull
     from ps.cli.cmd_jobs import cancel, export, list_jobs, status, submit
     from ps.cli.cmd_run import run
     from ps.cli.cmd_scheduler import scheduler
@@ -35,7 +36,7 @@ def _register() -> None:
 
     for command in (scheduler, server, worker, start, submit, status, list_jobs, cancel, export, run, train_local):
         main.add_command(command)
-    for command in (nn, consistency):
+    for command in (pushpull, nn, consistency):
         bench.add_command(command)
 
 

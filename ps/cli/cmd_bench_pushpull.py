@@ -237,7 +237,12 @@ def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: 
 
     from protocol.plan import make_plan
     from ps.cli.raw_echo import EchoClient
+    from ps.transport import keep_freed_buffers
     from worker.client import ParamClient
+
+    # This process is the client of both ours and raw: it reuses freed
+    # receive buffers for both, as every shard and echo server does.
+    keep_freed_buffers()
 
     addrs = [children.start("-m", "ps.cli", "server", "--bind", "tcp://127.0.0.1:0", "--shard-id", str(k),
                             "--log-level", "warning")["addr"] for k in range(servers)]
@@ -286,7 +291,8 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+        pairs = enumerate(zip(values, widths, strict=True))
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in pairs)
 
     return "\n".join([line([h for h, _, _ in COLUMNS]), *(line(c) for c in cells)])
 

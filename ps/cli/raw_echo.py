@@ -5,6 +5,11 @@ request/reply of the same bytes over the same transport, zero-copy on both
 sides, no header, no validation, no optimizer, no copy into the caller's
 arrays. Whatever `psctl bench pushpull` measures above this is our overhead.
 
+The echo server reuses freed receive buffers exactly as the shards do
+(`ps.transport.keep_freed_buffers`), and the client side runs in the bench
+process beside the ParamClient, which does the same; so the reference is
+the transport at its best, not a strawman that page-faults every message.
+
 Wire form (this module only; it is not the pscluster protocol):
 
     request   [sizes, payload frame, ...]   sizes: little-endian uint64 byte
@@ -24,6 +29,7 @@ import numpy as np
 import zmq
 
 from ps.cli.common import announce_ready, check_address, on_stop_signals
+from ps.transport import keep_freed_buffers
 
 # Longest the server sleeps in poll before it looks at its stop flag.
 POLL_INTERVAL_MS = 100
@@ -46,6 +52,7 @@ class EchoServer:
     """A ROUTER answering each request with the frames it asks for. `serve()` blocks."""
 
     def __init__(self, bind: str, ctx: zmq.Context | None = None):
+        keep_freed_buffers()  # as the shards do: the reference gets the same allocator
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
