@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -278,7 +279,8 @@ def parse_job_text(text: str, *, source: str = "job file") -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "the file"
-        raise SpecError(source, f"valid YAML (problem at {where}: {getattr(exc, 'problem', exc)})", "invalid YAML") from None
+        problem = getattr(exc, "problem", exc)
+        raise SpecError(source, f"valid YAML (problem at {where}: {problem})", "invalid YAML") from None
     if raw is None:
         raise SpecError(source, "a mapping of fields", "an empty file")
     return validate_job(raw)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -116,7 +116,7 @@ class Plan:
         }
 
     @classmethod
-    def from_wire(cls, wire: object) -> "Plan":
+    def from_wire(cls, wire: object) -> Plan:
         """Recompute a plan from its wire form; ProtocolError(BAD_PLAN) if it is malformed or its digest differs."""
         if not isinstance(wire, dict):
             raise ProtocolError(ErrorCode.BAD_PLAN, "plan must be a map")

@@ -7,7 +7,7 @@ and element count. They raise ProtocolError with the code to send back.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 

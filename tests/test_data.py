@@ -198,13 +198,16 @@ def test_npz_uint8_is_scaled_and_float_labels_accepted(tmp_path):
 @pytest.mark.parametrize("arrays, message", [
     ({"y": np.zeros(3, int)}, r"expected an array named 'x', found only \['y'\]"),
     ({"x": np.zeros((3, 2))}, r"expected an array named 'y', found only \['x'\]"),
-    ({"x": np.zeros((3, 2)), "y": np.zeros(4, int)}, r"expected as many labels as examples, found 3 rows in x and 4 in y"),
-    ({"x": np.zeros((3, 2)), "y": np.array([0.0, 0.5, 1.0])}, r"expected integer labels in y, found dtype float64 with value 0.5"),
+    ({"x": np.zeros((3, 2)), "y": np.zeros(4, int)},
+     r"expected as many labels as examples, found 3 rows in x and 4 in y"),
+    ({"x": np.zeros((3, 2)), "y": np.array([0.0, 0.5, 1.0])},
+     r"expected integer labels in y, found dtype float64 with value 0.5"),
     ({"x": np.zeros((3, 2)), "y": np.array([0, 5, 1]), "num_classes": 3}, r"expected labels in 0..2, found 5"),
     ({"x": np.zeros((3, 2)), "y": np.array([0, -1, 1])}, r"expected labels in 0..1, found -1"),
     ({"x": np.array([["a", "b"]] * 3), "y": np.zeros(3, int)}, r"expected numeric features in x, found dtype <U1"),
     ({"x": np.zeros(3), "y": np.zeros(3, int)}, r"expected x of shape \(N, features...\), found shape \(3,\)"),
-    ({"x": np.zeros((3, 2)), "y": np.zeros(3, int), "x_test": np.zeros((2, 2))}, r"expected x_test and y_test together, found no 'y_test'"),
+    ({"x": np.zeros((3, 2)), "y": np.zeros(3, int), "x_test": np.zeros((2, 2))},
+     r"expected x_test and y_test together, found no 'y_test'"),
 ])
 def test_npz_errors(tmp_path, arrays, message):
     p = tmp_path / "bad.npz"

@@ -71,7 +71,8 @@ def test_importing_the_cli_loads_neither_worker_nor_cupy():
 
 def test_only_daemon_loops_and_clients_own_sockets():
     """zmq is imported only by the modules that own sockets (STYLE.md, habit 3)."""
-    owners = {"ps/shard.py", "ps/scheduler.py", "ps/shardlinks.py", "ps/transport.py", "ps/router.py", "worker/client.py",
+    owners = {"ps/shard.py", "ps/scheduler.py", "ps/shardlinks.py", "ps/transport.py", "ps/router.py",
+              "worker/client.py",
               "worker/sched_client.py", "worker/heartbeat.py", "worker/daemon.py"}
     users = {str(p.relative_to(ROOT)) for pkg in ("ps", "worker") for p in modules(pkg)
              if "cli" not in p.parts and any(roots(n) == "zmq" for n, _ in imports_of(p))}

@@ -329,7 +329,8 @@ BAD_SPECS = [
     ({"staleness_aware": "yes"}, "optimizer.staleness_aware: expected true or false"),
     ({"betas": [0.9, 0.99]}, "optimizer.betas: unknown field"),
     ({"schedule": "cosine"}, "optimizer.schedule: expected a map, found 'cosine'"),
-    ({"schedule": {"kind": "linear"}}, "optimizer.schedule.kind: expected one of constant, step, cosine, found 'linear'"),
+    ({"schedule": {"kind": "linear"}},
+     "optimizer.schedule.kind: expected one of constant, step, cosine, found 'linear'"),
     ({"schedule": {"warmup_steps": -1}}, "optimizer.schedule.warmup_steps: expected an integer >= 0"),
     ({"schedule": {"warmup_steps": 2.5}}, "optimizer.schedule.warmup_steps: expected an integer >= 0"),
     ({"schedule": {"step_size": 0}}, "optimizer.schedule.step_size: expected an integer >= 1"),
@@ -341,7 +342,8 @@ BAD_SPECS = [
 ]
 
 
-@pytest.mark.parametrize("spec,message", BAD_SPECS, ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(BAD_SPECS)])
+@pytest.mark.parametrize("spec,message", BAD_SPECS,
+                         ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(BAD_SPECS)])
 def test_bad_spec_names_its_field_in_one_sentence(spec, message):
     with pytest.raises(ValueError) as info:
         make_optimizer(spec)

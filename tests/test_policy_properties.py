@@ -342,7 +342,8 @@ for _kind in POLICY_SPECS:
        initial=st.dictionaries(st.integers(0, MAX_WORKERS - 1), st.integers(-1, 3), min_size=1))
 def test_no_deadlock_in_any_scheduling_order(kind, final, data, initial):
     """Whichever worker the scheduler lets move next, everyone reaches the end."""
-    pick = lambda n: data.draw(st.integers(0, n - 1))
+    def pick(n):
+        return data.draw(st.integers(0, n - 1))
     sim = play(kind, final, False, initial, [], pick)
     assert set(sim.p.clocks) == {f"w{i}" for i in initial}
 

@@ -71,8 +71,8 @@ def bad_frames(plan):
                                         "bad_dtype"),
         "payload length != count x itemsize": ([push_header(s=[[s0.sid, "float32", n, [n]]]), b"\0" * (4 * n - 1)],
                                                "bad_length"),
-        "count other than the slice's": (good_push_frames(plan, slices=(SliceData(s0.sid, np.ones(n - 1, np.float32)),)),
-                                         "bad_length"),
+        "count other than the slice's": (
+            good_push_frames(plan, slices=(SliceData(s0.sid, np.ones(n - 1, np.float32)),)), "bad_length"),
         "truncated frames": ([push_header(s=[[s0.sid, "float32", n, [n]], [1, "float32", 1, [1]]]),
                               np.ones(n, np.float32).tobytes()], "truncated"),
         "unknown slice id": (good_push_frames(plan, slices=(SliceData(999, np.ones(n, np.float32)),)),

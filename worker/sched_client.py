@@ -63,7 +63,7 @@ class SchedulerClient:
         retries = self.retries if retries is None else retries
         rid = next(self._rids)
         frames = encode(type(msg)(**{**msg.__dict__, "rid": rid, "worker": msg.worker or self.worker}))
-        for attempt in range(retries + 1):
+        for _attempt in range(retries + 1):
             sock = self._socket()
             sock.send_multipart(frames, copy=False)
             poller = zmq.Poller()

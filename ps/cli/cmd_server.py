@@ -15,7 +15,8 @@ from ps.cli.common import SIZE, announce_ready, check_address, on_stop_signals, 
 @click.option("--advertise", default=None, help="Address peers should use, if not the bound one.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
               help="Where checkpoints are written and restored from.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--max-message-bytes", type=SIZE, default="512MiB", show_default=True,

@@ -16,7 +16,8 @@ from ps.cli.common import announce_ready, scheduler_address
 @click.option("--slowdown", type=click.FloatRange(1.0, 1000.0), default=1.0, show_default=True,
               help="Experiments only: make every step this many times slower (a straggler).")
 @click.option("--max-tasks", type=click.IntRange(1), default=None, help="Exit after this many assignments.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None, help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")

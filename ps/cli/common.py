@@ -6,7 +6,7 @@ import os
 import re
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import click
 

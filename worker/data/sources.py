@@ -193,7 +193,8 @@ def load_npz(path_str: str, *, test_fraction: float, seed: int) -> tuple[ArrayDa
         try:
             arrays = {k: npz[k] for k in keys & {"x", "y", "x_test", "y_test", "num_classes"}}
         except ValueError as exc:  # object arrays need pickle, which we refuse
-            raise DataError(f"npz file {path}: expected plain numeric arrays, found one that needs pickle ({exc})") from None
+            raise DataError(f"npz file {path}: expected plain numeric arrays, "
+                            f"found one that needs pickle ({exc})") from None
     x = _npz_features(path, "x", arrays["x"])
     y = _npz_labels(path, "y", arrays["y"])
     if len(x) != len(y):
