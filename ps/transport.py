@@ -4,7 +4,7 @@ The one module of `ps/` besides the daemon loops that knows about ZeroMQ
 sockets (STYLE.md, habit 3): ROUTER with ROUTER_MANDATORY, linger 0,
 bounded high-water marks.
 
-It also tunes the C allocator once per process (`keep_freed_buffers`):
+It also tunes the C allocator once per process (`protocol.buffers.keep_freed_buffers`):
 ZeroMQ allocates a fresh buffer for every message frame it receives, and
 glibc by default hands a freed buffer of several MiB back to the kernel, so
 the next message of that size page-faults every page in again; at 16 MiB
@@ -13,11 +13,12 @@ doubled the push time (measured with `psctl bench pushpull`).
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 from collections.abc import Sequence
 
 import zmq
+
+from protocol.buffers import keep_freed_buffers
 
 # Messages queued per peer before ZeroMQ pushes back. Bounded so one slow
 # peer cannot make a daemon hold unbounded memory; 1000 is ZeroMQ's default.
@@ -26,45 +27,6 @@ RECV_HWM_MSGS = 1000
 # Frames smaller than this are copied into ZeroMQ's own buffer rather than
 # lent zero-copy: pyzmq's own cut-off, below which lending costs more than it saves.
 COPY_THRESHOLD_BYTES = zmq.COPY_THRESHOLD
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-# Buffers up to this size come from the heap (and are reused) rather than a
-# fresh mmap each; 32 MiB is the most glibc accepts on 64-bit, and covers
-# frames of the default 4 MiB partition with room to spare.
-MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024**2
-# Free memory a process keeps at the top of its heap instead of returning it
-# to the kernel: the receive buffers of the largest message it keeps seeing.
-MALLOC_TRIM_THRESHOLD_BYTES = 256 * 1024**2
-_allocator_tuned: bool | None = None
-
-
-def keep_freed_buffers() -> bool:
-    """Make glibc keep and reuse freed message buffers; True if it could.
-
-    Idempotent and process-wide; call it before the first ZeroMQ socket so
-    the I/O thread shares the main heap (one arena: a buffer the I/O thread
-    allocates and the main thread frees goes back where the next one comes
-    from, and a message of more than 64 MiB does not get a thread heap of
-    its own that glibc unmaps once it is free). The process keeps up to
-    MALLOC_TRIM_THRESHOLD_BYTES of freed memory instead of returning it.
-    A no-op returning False where the C library has no mallopt.
-    """
-    global _allocator_tuned
-    if _allocator_tuned is None:
-        _allocator_tuned = False
-        try:
-            mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-        except (OSError, AttributeError):
-            return False
-        mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-        _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
-                                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
-                                and mallopt(_M_ARENA_MAX, 1))
-    return _allocator_tuned
 
 
 class BindError(RuntimeError):

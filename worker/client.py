@@ -18,7 +18,6 @@ sentence.
 """
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import socket as pysocket
@@ -29,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import zmq
 
+from protocol.buffers import keep_freed_buffers
 from protocol.codec import decode, encode, raise_if_error
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Create, Message, Ok, Pull, Push, PushPull, SliceData, Stats
@@ -45,39 +45,6 @@ SEND_HWM_MSGS = 100
 # Frames smaller than this are copied into ZeroMQ's buffer instead of lent
 # zero-copy (pyzmq's own cut-off; a plain copy skips building a Frame object).
 COPY_THRESHOLD_BYTES = zmq.COPY_THRESHOLD
-
-
-# glibc mallopt parameters (malloc.h) and the values ps/transport.py uses
-# for the daemons (the same reasoning; worker/ cannot import ps/).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-MALLOC_MMAP_THRESHOLD_BYTES = 32 * 1024**2
-MALLOC_TRIM_THRESHOLD_BYTES = 256 * 1024**2
-_allocator_tuned: bool | None = None
-
-
-def keep_freed_buffers() -> bool:
-    """Make glibc keep and reuse freed receive buffers; True if it could.
-
-    ZeroMQ allocates a fresh buffer for every frame it receives; by default
-    glibc returns a freed multi-MiB buffer to the kernel and the next reply
-    page-faults it in again, which halves the throughput of large pulls.
-    Idempotent and process-wide (one heap arena, large buffers from the
-    heap, freed memory kept); a no-op returning False without glibc.
-    """
-    global _allocator_tuned
-    if _allocator_tuned is None:
-        _allocator_tuned = False
-        try:
-            mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
-        except (OSError, AttributeError):
-            return False
-        mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-        _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
-                                and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
-                                and mallopt(_M_ARENA_MAX, 1))
-    return _allocator_tuned
 
 
 class ShardTimeout(TimeoutError):

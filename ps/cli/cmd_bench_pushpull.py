@@ -235,9 +235,9 @@ def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: 
     """Start the processes into `children`, measure every size, return the rows (children left running)."""
     import numpy as np
 
+    from protocol.buffers import keep_freed_buffers
     from protocol.plan import make_plan
     from ps.cli.raw_echo import EchoClient
-    from ps.transport import keep_freed_buffers
     from worker.client import ParamClient
 
     # This process is the client of both ours and raw: it reuses freed

@@ -78,6 +78,25 @@ class LocalCluster:
         tail = self.log_tail(name)
         raise click.ClickException(f"{name} did not start (see {self.log_dir}/{name}.log): {tail}")
 
+    def boot(self, servers: int, worker_args: list[list[str]]):
+        """Start a scheduler, `servers` shards and one worker per entry of `worker_args`.
+
+        Returns (scheduler address, a SchedulerClient to it); the workers
+        start only once every shard has registered, so jobs are planned
+        over all of them.
+        """
+        from worker.sched_client import SchedulerClient
+
+        addr = self.start("scheduler", "scheduler", "--state-dir", os.path.join(self.log_dir, "scheduler"))["addr"]
+        for k in range(servers):
+            self.start(f"server-{k}", "server", "--shard-id", str(k), "--scheduler", addr,
+                       "--bind", "tcp://127.0.0.1:0")
+        client = SchedulerClient(addr, timeout_s=5.0, retries=2)
+        _wait_for_servers(client, servers)
+        for i, args in enumerate(worker_args):
+            self.start(f"worker-{i}", "worker", "--scheduler", addr, *args)
+        return addr, client
+
     def log_tail(self, name: str) -> str:
         try:
             with open(os.path.join(self.log_dir, f"{name}.log"), errors="replace") as fh:
@@ -121,7 +140,6 @@ class LocalCluster:
 def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir):
     """Run JOB_FILE on a local cluster started for it; exits 0 if the job succeeded."""
     from protocol.messages import Submit
-    from worker.sched_client import SchedulerClient
 
     spec = load_and_check(job_file)
     servers = servers or int(os.environ.get("DMLC_NUM_SERVER") or 1)
@@ -134,15 +152,7 @@ def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir):
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        sched = cluster.start("scheduler", "scheduler", "--state-dir", os.path.join(state_dir, "scheduler"))
-        addr = sched["addr"]
-        for k in range(servers):
-            cluster.start(f"server-{k}", "server", "--shard-id", str(k), "--scheduler", addr,
-                          "--bind", "tcp://127.0.0.1:0")
-        client = SchedulerClient(addr, timeout_s=5.0, retries=2)
-        _wait_for_servers(client, servers)
-        for i in range(workers):
-            cluster.start(f"worker-{i}", "worker", "--scheduler", addr, "--device", device)
+        addr, client = cluster.boot(servers, [["--device", device]] * workers)
         job = _call(client, Submit(spec=spec))["job"]
         if not quiet:
             click.echo(f"local cluster: scheduler {addr}, {servers} server(s), {workers} worker(s); job {job}",

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from ps.cli.common import announce_ready, check_address, on_stop_signals
+from ps.cli.common import announce_ready, check_address, on_stop_signals, serve_metrics_or_fail
 
 
 def _default_bind() -> str:
@@ -41,15 +41,8 @@ def scheduler(bind, state_dir, heartbeat_timeout, metrics_port, metrics_host, lo
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot use state dir {state_dir}: {exc.strerror}") from None
-    metrics = None
-    if metrics_port is not None:
-        from ps.metrics_http import serve_metrics
-        try:
-            metrics = serve_metrics(sched.metrics, metrics_port, metrics_host)
-        except OSError as exc:
-            sched.close()
-            raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
+    port = serve_metrics_or_fail(sched.metrics, metrics_port, metrics_host, sched.close)
     on_stop_signals(sched.stop)
     announce_ready(role="scheduler", addr=sched.endpoint, state_dir=str(state_dir),
-                   metrics_port=metrics.server_address[1] if metrics else None)
+                   metrics_port=port)
     sched.serve()

@@ -3,7 +3,14 @@ from __future__ import annotations
 
 import click
 
-from ps.cli.common import SIZE, announce_ready, check_address, on_stop_signals, scheduler_address
+from ps.cli.common import (
+    SIZE,
+    announce_ready,
+    check_address,
+    on_stop_signals,
+    scheduler_address,
+    serve_metrics_or_fail,
+)
 
 
 @click.command("server")
@@ -37,15 +44,8 @@ def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, m
                       max_message_bytes=max_message_bytes)
     except (BindError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    metrics = None
-    if metrics_port is not None:
-        from ps.metrics_http import serve_metrics
-        try:
-            metrics = serve_metrics(shard.metrics, metrics_port, metrics_host)
-        except OSError as exc:
-            shard.close()
-            raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
+    port = serve_metrics_or_fail(shard.metrics, metrics_port, metrics_host, shard.close)
     on_stop_signals(shard.stop)
     announce_ready(role="server", shard=shard.shard_id, addr=shard.endpoint, advertise=shard.advertise,
-                   metrics_port=metrics.server_address[1] if metrics else None)
+                   metrics_port=port)
     shard.serve()

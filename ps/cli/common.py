@@ -72,6 +72,19 @@ def scheduler_address(option: str | None, *, required: bool = True) -> str | Non
     return check_address(addr, "scheduler address")
 
 
+def serve_metrics_or_fail(registry, port: int | None, host: str, on_fail: Callable[[], None]) -> int | None:
+    """Start a daemon's metrics exporter; its port, None when not asked, or a one-sentence error."""
+    if port is None:
+        return None
+    from ps.metrics_http import serve_metrics
+
+    try:
+        return serve_metrics(registry, port, host).server_address[1]
+    except OSError as exc:
+        on_fail()
+        raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+
+
 def announce_ready(**facts) -> None:
     """Print the readiness line tests and `psctl run` wait for: `READY {json}`."""
     sys.stdout.write("READY " + json.dumps(facts, sort_keys=True) + "\n")

@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ps.cli.cmd_run import LocalCluster, _wait_for_servers
+from ps.cli.cmd_run import LocalCluster
 
 # How long a job may run before the bench gives up on it.
 JOB_TIMEOUT_S = 300.0
@@ -127,7 +127,6 @@ def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: 
 
     from protocol.messages import Export, Status, Submit
     from ps.cli.cmd_jobs import _call
-    from worker.sched_client import SchedulerClient
 
     consistency = spec["consistency"]
     run = PolicyRun(label=label, policy=consistency["policy"],
@@ -137,15 +136,9 @@ def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: 
     observer: Observer | None = None
     client = None
     try:
-        addr = cluster.start("scheduler", "scheduler", "--state-dir", os.path.join(log_dir, "scheduler"))["addr"]
-        for k in range(servers):
-            cluster.start(f"server-{k}", "server", "--shard-id", str(k), "--scheduler", addr,
-                          "--bind", "tcp://127.0.0.1:0")
-        client = SchedulerClient(addr, timeout_s=5.0, retries=2)
-        _wait_for_servers(client, servers)
-        for i in range(workers):
-            slow = ["--slowdown", str(slowdown)] if i >= workers - slow_workers and slowdown > 1 else []
-            cluster.start(f"worker-{i}", "worker", "--scheduler", addr, *slow)
+        worker_args = [["--slowdown", str(slowdown)] if i >= workers - slow_workers and slowdown > 1 else []
+                       for i in range(workers)]
+        _addr, client = cluster.boot(servers, worker_args)
         run.job = _call(client, Submit(spec=spec))["job"]
         deadline = time.monotonic() + timeout_s
         t0 = None

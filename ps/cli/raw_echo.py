@@ -6,7 +6,7 @@ sides, no header, no validation, no optimizer, no copy into the caller's
 arrays. Whatever `psctl bench pushpull` measures above this is our overhead.
 
 The echo server reuses freed receive buffers exactly as the shards do
-(`ps.transport.keep_freed_buffers`), and the client side runs in the bench
+(`protocol.buffers.keep_freed_buffers`), and the client side runs in the bench
 process beside the ParamClient, which does the same; so the reference is
 the transport at its best, not a strawman that page-faults every message.
 
@@ -28,8 +28,8 @@ import click
 import numpy as np
 import zmq
 
+from protocol.buffers import keep_freed_buffers
 from ps.cli.common import announce_ready, check_address, on_stop_signals
-from ps.transport import keep_freed_buffers
 
 # Longest the server sleeps in poll before it looks at its stop flag.
 POLL_INTERVAL_MS = 100
