@@ -394,6 +394,10 @@ class Shard(RouterDaemon):
         sock.setsockopt(zmq.SNDHWM, 100)
         sock.connect(self.scheduler_addr)
         self.sched_sock = sock
+        self._register()
+
+    def _register(self) -> None:
+        """Announce this shard (id, or -1 to be given one; address; jobs it holds) to the scheduler."""
         self._send_scheduler(Register(role="server", addr=self.advertise,
                                       shard=-1 if self.shard_id is None else self.shard_id,
                                       info={"host": pysocket.gethostname(), "jobs": sorted(self.tables)}))
@@ -432,8 +436,7 @@ class Shard(RouterDaemon):
             except ProtocolError:
                 continue
             if isinstance(reply, Ok) and reply.body.get("reregister"):
-                self._send_scheduler(Register(role="server", addr=self.advertise, shard=self.shard_id,
-                                              info={"host": pysocket.gethostname(), "jobs": sorted(self.tables)}))
+                self._register()
 
     def _heartbeat_state(self) -> dict:
         return {"shard": self.shard_id, "addr": self.advertise,
