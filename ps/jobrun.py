@@ -37,6 +37,7 @@ class Partition:
     accuracy: float | None = None
     examples_per_s: float = 0.0
     examples: int = 0          # examples processed in this job, as last reported
+    max_staleness: int = 0     # most updates by others between a pull and its push, as the worker saw
 
 
 @dataclass
@@ -154,7 +155,7 @@ class JobRun:
         part = self.partition_of(worker)
         if part is None:
             return
-        for key in ("step", "total_steps", "examples"):
+        for key in ("step", "total_steps", "examples", "max_staleness"):
             if isinstance(state.get(key), int):
                 setattr(part, key, state[key])
         for key in ("loss", "accuracy", "examples_per_s"):
@@ -190,6 +191,7 @@ class JobRun:
             "examples_per_s": sum(p.examples_per_s for p in parts),  # last known rate of each partition
             "examples": sum(p.examples for p in parts),
             "workers": sum(1 for p in parts if p.worker is not None),
+            "max_staleness": max((p.max_staleness for p in parts), default=0),
             "partitions": len(parts),
             "epoch": self.epoch,
             "stopping": self.stopping,

@@ -162,3 +162,10 @@ def test_encode_refuses_disallowed_dtype():
 def test_error_message_round_trip():
     msg = Error(rid=3, code="bad_dtype", message="no", detail={"clock": 4})
     assert decode(encode(msg)) == msg
+
+
+def test_non_native_byte_order_travels_by_value():
+    big_endian = np.arange(5, dtype=">f4")
+    got = decode(encode(Ok(slices=(SliceData(1, big_endian),)))).slices[0].data
+    assert got.dtype == np.float32 and got.dtype.isnative
+    np.testing.assert_array_equal(got, np.arange(5, dtype=np.float32))

@@ -93,6 +93,7 @@ class WorkerDaemon:
         m.describe("test_accuracy", "gauge", "Last evaluated test accuracy")
         m.describe("examples_per_second", "gauge", "Examples per second of the last step")
         m.describe("assignments_total", "counter", "Assignments ended, by outcome")
+        m.describe("staleness_seen", "histogram", "Updates by others between this worker's pull and its push")
 
     def _next_assignment(self) -> dict | None:
         if self.heartbeat.reregister_needed.is_set():

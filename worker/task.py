@@ -34,6 +34,8 @@ log = logging.getLogger("pscluster.worker")
 MIN_EVAL_INTERVAL_STEPS = 10
 # Upper bounds of the step-time histogram, in seconds.
 STEP_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+# Upper bounds of the histogram of staleness this worker saw (in versions).
+STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 @dataclass
@@ -175,6 +177,7 @@ class Task:
         micro = int(self.spec["data"].get("micro_batches", 1))
         examples, busy_s, started = 0, 0.0, time.perf_counter()
         loss = acc = float("nan")
+        max_stale = 0
         log.info("training", extra={"job": self.job, "partition": partition, "from_step": step, "steps": steps})
         while step < steps:
             if self.heartbeat.stop_requested.is_set():
@@ -188,7 +191,12 @@ class Task:
             grads.update(model.stat_deltas())
             if self.device.name != "cpu":
                 grads = {k: self.device.to_host(v) for k, v in grads.items()}
+            base = list(client.versions)
             client.push_pull(grads, clock=None, norm=norm, out=host)
+            # Replies carry the version they reflect: the updates that landed
+            # between the pull this gradient came from and its own update.
+            stale = max(0, max(after - before - 1 for before, after in zip(base, client.versions)))
+            max_stale = max(max_stale, stale)
             if self.slowdown > 1.0:  # experiments only: the whole step takes `slowdown` times as long
                 time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             self._load(model, host)
@@ -197,9 +205,10 @@ class Task:
             busy_s += time.perf_counter() - t0
             state = {"step": step, "total_steps": steps, "loss": float(loss), "accuracy": float(acc),
                      "examples": examples, "examples_per_s": examples / max(busy_s, 1e-9),
-                     "partition": partition, "versions": list(client.versions)}
+                     "partition": partition, "versions": list(client.versions),
+                     "staleness": stale, "max_staleness": max_stale}
             self.heartbeat.report(self.job, state)
-            self._observe(time.perf_counter() - t0, len(x), loss, acc)
+            self._observe(time.perf_counter() - t0, len(x), loss, acc, stale)
             if not math.isfinite(loss):
                 raise ValueError(f"job {self.job}: training loss is {loss} at step {step} (diverged)")
             if partition == 0 and (step % eval_every == 0 or step == steps):
@@ -211,13 +220,14 @@ class Task:
                               "examples": examples, "wall_s": time.perf_counter() - started})
         return Outcome("done")
 
-    def _observe(self, step_s: float, examples: int, loss: float, acc: float) -> None:
+    def _observe(self, step_s: float, examples: int, loss: float, acc: float, stale: int) -> None:
         if self.metrics is None:
             return
         m = self.metrics
         m.inc("steps_total", job=self.job)
         m.inc("examples_total", examples, job=self.job)
         m.histogram("step_seconds", STEP_SECONDS_BUCKETS, job=self.job).observe(step_s)
+        m.histogram("staleness_seen", STALENESS_BUCKETS, job=self.job).observe(stale)
         m.set("loss", loss, job=self.job)
         m.set("accuracy", acc, job=self.job)
         m.set("examples_per_second", examples / max(step_s, 1e-9), job=self.job)

@@ -81,7 +81,7 @@ def render_job(body: dict) -> str:
         for p in parts:
             who = p["worker"] or ("done" if p["done"] else "unassigned")
             lines.append(f"    {p['index']:>3}  step {p['step']:>6}/{p['total_steps'] or '?':<6} "
-                         f"loss {_num(p['loss'], '.4f')}  {who}")
+                         f"loss {_num(p['loss'], '.4f')}  staleness seen <= {p.get('max_staleness', 0)}  {who}")
     for s in body.get("shard_stats") or []:
         clocks = s.get("clocks") or {}
         lines.append(f"  shard {s['shard']}  version {s['version']}  epoch {s['epoch']}  parked pulls {s['parked']}  "
