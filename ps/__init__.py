@@ -2,6 +2,6 @@
 policies, server-side optimizers and checkpoints.
 
 Imports `protocol` only; never `worker` (they meet through the protocol).
-The one exception is `ps.cli`, the command line, which wires both sides
-together and imports `worker` lazily inside its commands.
+`ps.cli` hosts the `psctl` command group and the server-side commands; the
+worker-side commands plug into it by name (setup.cfg entry points).
 """

@@ -312,6 +312,8 @@ class Scheduler(RouterDaemon, SchedulerOps):
                              progress={**_progress_record(run), "curve": run.curve, "evals": run.history},
                              error=run.error)
         del self.runs[run.job_id]
+        for k in range(len(run.shards)):
+            self.acked.pop((run.job_id, k), None)
         for peer in self.workers.values():
             if peer.job == run.job_id:
                 peer.job = None

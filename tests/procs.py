@@ -19,7 +19,7 @@ from pathlib import Path
 PSCTL = str(Path(sys.executable).parent / "psctl")
 READY_TIMEOUT_S = 30.0
 # Several processes share 2 cores in these tests; threaded BLAS on small
-# matrices only makes them fight (see ps/cli/cmd_run.py).
+# matrices only makes them fight (see worker/cli/cmd_run.py).
 QUIET_BLAS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 

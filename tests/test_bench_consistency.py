@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from ps.cli.cmd_bench_consistency import consistency, parse_policies
-from ps.cli.consistency_runner import aggregate
+from worker.cli.cmd_bench_consistency import consistency, parse_policies
+from worker.cli.consistency_runner import aggregate
 
 ISSUE_FIELDS = {"policy", "staleness_bound", "time_to_target_s", "steps_per_s", "test_accuracy",
                 "max_staleness_seen"}

@@ -12,7 +12,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from ps.cli import cmd_bench_pushpull as bench
+from worker.cli import cmd_bench_pushpull as bench
 
 ROW_FIELDS = {"op", "size", "median_s", "p90_s", "raw_median_s", "slowdown"}
 
@@ -22,14 +22,14 @@ def started(monkeypatch):
     """The pids of every child the bench starts, recorded as it starts them."""
     pids: list[int] = []
 
-    class Recording(bench.Children):
-        def start(self, *args):
+    class Recording(bench.LocalCluster):
+        def start(self, *args, **kwargs):
             try:
-                return super().start(*args)
+                return super().start(*args, **kwargs)
             finally:
                 pids.extend(p for p in self.pids if p not in pids)
 
-    monkeypatch.setattr(bench, "Children", Recording)
+    monkeypatch.setattr(bench, "LocalCluster", Recording)
     return pids
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ps.cli.cmd_bench_nn import nn
+from worker.cli.cmd_bench_nn import nn
 from worker.nn import build_model
 from worker.nn.bench import (
     CNN_INPUT,

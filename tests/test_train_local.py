@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ps.cli.cmd_train import ProgressLine, train_local
+from ps.cli import updater_factory
+from worker.cli.cmd_train import ProgressLine, train_local
 
 MLP_JOB = """\
 name: test-digits-mlp
@@ -44,6 +45,11 @@ optimizer: {kind: sgd, lr: 0.1}
 
 JSON_FIELDS = {"test_accuracy", "test_loss", "final_loss", "steps", "wall_s", "examples_per_s"}
 
+
+
+def invoke_train_local(args):
+    """The command as psctl runs it: with the servers' optimizers in the click context."""
+    return CliRunner().invoke(train_local, args, obj={"updater_factory": updater_factory})
 
 def write(tmp_path: Path, text: str, name: str = "job.yaml") -> str:
     p = tmp_path / name
@@ -77,7 +83,7 @@ def assert_one_line_error(out: str, *fragments: str) -> None:
 # ---------------------------------------------------------------- in-process (CliRunner)
 
 def test_json_result_in_process(tmp_path):
-    res = CliRunner().invoke(train_local, [write(tmp_path, SMALL_JOB), "--json", "--quiet"])
+    res = invoke_train_local([write(tmp_path, SMALL_JOB), "--json", "--quiet"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert JSON_FIELDS <= set(data)
@@ -86,7 +92,7 @@ def test_json_result_in_process(tmp_path):
 
 
 def test_steps_override_and_summary_line(tmp_path):
-    res = CliRunner().invoke(train_local, [write(tmp_path, SMALL_JOB), "--steps", "7"])
+    res = invoke_train_local([write(tmp_path, SMALL_JOB), "--steps", "7"])
     assert res.exit_code == 0, res.output
     assert "small: test accuracy" in res.stdout and "after 7 steps" in res.stdout
     assert "step 7/7" in res.stderr          # progress goes to stderr
@@ -94,7 +100,7 @@ def test_steps_override_and_summary_line(tmp_path):
 
 def test_steps_override_replaces_epochs(tmp_path):
     text = SMALL_JOB.replace("steps: 20", "epochs: 5")
-    res = CliRunner().invoke(train_local, [write(tmp_path, text), "--steps", "3", "--json", "-q"])
+    res = invoke_train_local([write(tmp_path, text), "--steps", "3", "--json", "-q"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["steps"] == 3
 
@@ -109,14 +115,14 @@ def test_steps_override_replaces_epochs(tmp_path):
      "a cnn needs image input"),
 ])
 def test_bad_job_is_one_sentence(tmp_path, text, fragment):
-    res = CliRunner().invoke(train_local, [write(tmp_path, text)])
+    res = invoke_train_local([write(tmp_path, text)])
     assert res.exit_code == 1
     assert res.exception is None or isinstance(res.exception, SystemExit)
     assert_one_line_error(res.output, fragment)
 
 
 def test_missing_file_in_process(tmp_path):
-    res = CliRunner().invoke(train_local, [str(tmp_path / "nope.yaml")])
+    res = invoke_train_local([str(tmp_path / "nope.yaml")])
     assert res.exit_code == 1
     assert_one_line_error(res.output, "nope.yaml", "no such file")
 
@@ -127,7 +133,7 @@ def test_gpu_without_cupy_is_one_sentence(tmp_path):
         pytest.skip("cupy is installed here")
     except ImportError:
         pass
-    res = CliRunner().invoke(train_local, [write(tmp_path, SMALL_JOB), "--device", "gpu"])
+    res = invoke_train_local([write(tmp_path, SMALL_JOB), "--device", "gpu"])
     assert res.exit_code == 1
     assert_one_line_error(res.output, "--device gpu needs cupy")
 
@@ -142,7 +148,7 @@ def test_diverged_run_exits_non_zero(tmp_path, monkeypatch):
         return (float("nan") if t == 2 else loss), acc, k
 
     monkeypatch.setattr(trainer_mod.LocalTrainer, "_step", poisoned)
-    res = CliRunner().invoke(train_local, [write(tmp_path, SMALL_JOB), "--json", "-q"])
+    res = invoke_train_local([write(tmp_path, SMALL_JOB), "--json", "-q"])
     assert res.exit_code == 1
     data = json.loads(res.stdout)
     assert data["stopped"] == "diverged" and data["final_loss"] is None and data["steps"] == 3
@@ -225,6 +231,6 @@ def test_example_jobs_validate_and_run(name):
     spec = load_job_file(str(EXAMPLES / name))
     assert spec["workers"] == 2 and spec["consistency"]["policy"] == "asp"
     assert spec["data"]["source"] == "sklearn:digits"
-    res = CliRunner().invoke(train_local, [str(EXAMPLES / name), "--steps", "3", "--json", "-q"])
+    res = invoke_train_local([str(EXAMPLES / name), "--steps", "3", "--json", "-q"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["steps"] == 3

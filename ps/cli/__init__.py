@@ -2,42 +2,72 @@
 
 Thin by design (STYLE.md, habit 12): click parses, the command builds the
 object and runs it. Bad input becomes a one-sentence `click.ClickException`.
-Commands import `worker` lazily, inside their functions, so `ps` stays
-importable without it.
+
+This package holds the command group and the server-side daemons
+(scheduler, server, start). The commands that need worker code (the worker
+daemon, submit/status/list/cancel/export, run, train-local, the
+benchmarks) live in worker/cli and are plugged in by name through the
+entry-point groups `psctl.commands` and `psctl.bench` of setup.cfg, loaded
+only when asked for: ps/ and worker/ never import each other (DESIGN.md,
+"Layout"). What a worker-side command needs from this side (the servers'
+optimizer code, for train-local) is handed over in the click context.
 """
 from __future__ import annotations
+
+from importlib.metadata import entry_points
 
 import click
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class PluginGroup(click.Group):
+    """A click group whose commands are its own plus those of an entry-point group."""
+
+    def __init__(self, *args, plugins: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plugins = plugins
+
+    def _entry_points(self) -> dict:
+        return {ep.name: ep for ep in entry_points(group=self.plugins)}
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._entry_points()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in self._entry_points():
+            command = self._entry_points()[name].load()  # imports the plugin module now, not before
+            self.add_command(command, name)
+        return command
+
+
+def updater_factory(spec: dict):
+    """For train-local: the servers' optimizer as `make(arrays, nonlearned) -> Updater`; ValueError on a bad spec."""
+    from ps.optim import Updater, make_optimizer
+
+    optimizer = make_optimizer(spec)
+    return lambda arrays, nonlearned: Updater(optimizer, arrays, nonlearned=nonlearned)
+
+
+@click.group(cls=PluginGroup, plugins="psctl.commands", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pscluster")
-def main() -> None:
+@click.pass_context
+def main(ctx) -> None:
     """pscluster: a parameter-server cluster for data-parallel training."""
+    ctx.ensure_object(dict)["updater_factory"] = updater_factory
 
 
-@main.group()
+@main.group(cls=PluginGroup, plugins="psctl.bench")
 def bench() -> None:
     """Benchmarks; each prints a ratio against a limit measured in the same run."""
 
 
 def _register() -> None:
-    # Each command lives in its own module; they import heavy code lazily.
-    from ps.cli.cmd_bench_consistency import consistency
-    from ps.cli.cmd_bench_nn import nn
-    from ps.cli.cmd_bench_pushpull import pushpull
-    from ps.cli.cmd_jobs import cancel, export, list_jobs, status, submit
-    from ps.cli.cmd_run import run
     from ps.cli.cmd_scheduler import scheduler
     from ps.cli.cmd_server import server
     from ps.cli.cmd_start import start
-    from ps.cli.cmd_train import train_local
-    from ps.cli.cmd_worker import worker
 
-    for command in (scheduler, server, worker, start, submit, status, list_jobs, cancel, export, run, train_local):
+    for command in (scheduler, server, start):
         main.add_command(command)
-    for command in (pushpull, nn, consistency):
-        bench.add_command(command)
 
 
 _register()

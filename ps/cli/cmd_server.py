@@ -4,12 +4,12 @@ from __future__ import annotations
 import click
 
 from ps.cli.common import (
-    SIZE,
     announce_ready,
     check_address,
     on_stop_signals,
     scheduler_address,
     serve_metrics_or_fail,
+    size_option,
 )
 
 
@@ -26,7 +26,7 @@ from ps.cli.common import (
               help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Interface for the metrics port (0.0.0.0 in a container).")
-@click.option("--max-message-bytes", type=SIZE, default="512MiB", show_default=True,
+@click.option("--max-message-bytes", callback=size_option, default="512MiB", show_default=True,
               help="Refuse bigger messages.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, metrics_host, max_message_bytes,
@@ -38,7 +38,7 @@ def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, m
 
     setup_logging("server", log_level)
     check_address(bind, "--bind")
-    sched = scheduler_address(scheduler, required=False)
+    sched = scheduler_address(scheduler)
     try:
         shard = Shard(shard_id, bind, scheduler=sched, advertise=advertise, checkpoint_dir=checkpoint_dir,
                       max_message_bytes=max_message_bytes)

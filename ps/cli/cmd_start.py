@@ -15,9 +15,5 @@ def start(ctx, role):
     and servers and workers find it there; a server without --shard-id gets
     the lowest free id from the scheduler.
     """
-    from ps.cli.cmd_scheduler import scheduler
-    from ps.cli.cmd_server import server
-    from ps.cli.cmd_worker import worker
-
-    daemon = {"scheduler": scheduler, "server": server, "worker": worker}[role]
+    daemon = ctx.parent.command.get_command(ctx.parent, role)  # `worker` is a plug-in (worker/cli)
     daemon.main(args=list(ctx.args), prog_name=f"psctl start --role {role}")

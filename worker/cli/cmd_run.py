@@ -20,10 +20,12 @@ import time
 
 import click
 
-from ps.cli.cmd_jobs import _call, job_summary, load_and_check, wait_for
-from ps.cli.progress import print_summary
+from protocol.endpoints import READY_PREFIX
+from worker.cli.cmd_jobs import _call, job_summary, load_and_check, wait_for
+from worker.cli.progress import print_summary
 
 READY_TIMEOUT_S = 60.0
+READY = READY_PREFIX.encode()
 STOP_TIMEOUT_S = 10.0
 # BLAS threads per process: several processes share the cores, and numpy's
 # small matrices run slower, not faster, with threads fighting over them.
@@ -46,14 +48,14 @@ class LocalCluster:
         self.log_dir = log_dir
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, *args: str) -> dict:
-        """Start `psctl ARGS` and wait for its READY line; returns what it announced."""
+    def start(self, name: str, *args: str, module: str = "ps.cli") -> dict:
+        """Start `python -m MODULE ARGS` (psctl by default), wait for its READY line, return what it announced."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for key, value in CHILD_ENV.items():
             env.setdefault(key, value)
         log = open(os.path.join(self.log_dir, f"{name}.log"), "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "ps.cli", *args], stdout=subprocess.PIPE, stderr=log,
-                                env=env, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE, stderr=log,
+                                stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
         log.close()
         self.procs.append((name, proc))
         return self._ready(name, proc)
@@ -73,8 +75,8 @@ class LocalCluster:
                 break
             buf += chunk
             for line in buf.split(b"\n"):
-                if line.startswith(b"READY "):
-                    return json.loads(line[6:])
+                if line.startswith(READY):
+                    return json.loads(line[len(READY):])
         tail = self.log_tail(name)
         raise click.ClickException(f"{name} did not start (see {self.log_dir}/{name}.log): {tail}")
 
@@ -96,6 +98,10 @@ class LocalCluster:
         for i, args in enumerate(worker_args):
             self.start(f"worker-{i}", "worker", "--scheduler", addr, *args)
         return addr, client
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for _name, proc in self.procs]
 
     def log_tail(self, name: str) -> str:
         try:

@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ps.cli.cmd_run import LocalCluster
+from worker.cli.cmd_run import LocalCluster
 
 # How long a job may run before the bench gives up on it.
 JOB_TIMEOUT_S = 300.0
@@ -126,7 +126,7 @@ def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: 
     import click
 
     from protocol.messages import Export, Status, Submit
-    from ps.cli.cmd_jobs import _call
+    from worker.cli.cmd_jobs import _call
 
     consistency = spec["consistency"]
     run = PolicyRun(label=label, policy=consistency["policy"],

@@ -1,12 +1,13 @@
 """`psctl train-local JOB.yaml`: train a job in this one process, no cluster.
 
 The single-process reference trainer (worker.trainer.LocalTrainer) with
-the servers' optimizer (ps.optim.Updater) applied locally: what one worker
+the servers' optimizer code applied locally (the `psctl` group hands it
+over in the click context, as `updater_factory`): what one worker
 of the cluster computes, with the same model, data order and update math.
 Handy to check a job file and its hyper-parameters before submitting it,
 and the yardstick the cluster's accuracy is compared with.
 
-Register on the `psctl` group with `main.add_command(train_local)`.
+Plugged into `psctl` by the `psctl.commands` entry points of setup.cfg.
 """
 from __future__ import annotations
 
@@ -117,18 +118,19 @@ def train_local(job_file: str, device: str, steps: int | None, as_json: bool, qu
     """
     spec = _load_spec(job_file, steps)
 
-    from ps.optim import Updater, make_optimizer
     from worker.data import DataError
     from worker.device import DeviceError
     from worker.trainer import LocalTrainer, total_steps
 
+    # The servers' optimizer code, handed over by the `psctl` group (ps/cli):
+    # worker/ does not import ps/, and the reference run must use that code.
+    updaters = (click.get_current_context().find_object(dict) or {}).get("updater_factory")
+    if updaters is None:
+        raise click.ClickException("train-local needs the servers' optimizers: run it as `psctl train-local`")
     try:
-        optimizer = make_optimizer(spec["optimizer"])
+        make_updater = updaters(spec["optimizer"])
     except ValueError as exc:
         raise click.ClickException(f"{job_file}: {exc}") from None
-
-    def make_updater(arrays, nonlearned):
-        return Updater(optimizer, arrays, nonlearned=nonlearned)
 
     progress = None
     try:

@@ -17,11 +17,12 @@ Wire form (this module only; it is not the pscluster protocol):
     reply     [b"r", frame, ...]            one frame per requested size,
               sent zero-copy from buffers the server filled once at start
 
-Run the server as `python -m ps.cli.raw_echo --bind tcp://127.0.0.1:0`; it
+Run the server as `python -m worker.cli.raw_echo --bind tcp://127.0.0.1:0`; it
 prints `READY {json}` with its "addr" and serves until SIGTERM or SIGINT.
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 
 import click
@@ -29,7 +30,7 @@ import numpy as np
 import zmq
 
 from protocol.buffers import keep_freed_buffers
-from ps.cli.common import announce_ready, check_address, on_stop_signals
+from worker.cli.common import announce_ready, check_address
 
 # Longest the server sleeps in poll before it looks at its stop flag.
 POLL_INTERVAL_MS = 100
@@ -149,7 +150,8 @@ def main(bind: str) -> None:
         server = EchoServer(bind)
     except zmq.ZMQError as exc:
         raise click.ClickException(f"cannot listen on {bind}: {exc.strerror}") from None
-    on_stop_signals(server.stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop serving, close, exit 0
+        signal.signal(sig, lambda *_: server.stop())
     announce_ready(role="raw_echo", addr=server.endpoint)
     server.serve()
 

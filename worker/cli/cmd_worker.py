@@ -5,7 +5,7 @@ import signal
 
 import click
 
-from ps.cli.common import announce_ready, scheduler_address
+from worker.cli.common import announce_ready, scheduler_address
 
 
 @click.command("worker")

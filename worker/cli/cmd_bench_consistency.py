@@ -173,7 +173,7 @@ def write_plot(runs, path: str, *, target_loss: float, slowdown: float) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per policy (one per line).")
 def consistency(slowdown, steps, target_loss, policies, workers, servers, plot_path, poll_s, repeat, as_json):
     """Run one job under BSP, SSP(s) and ASP with a straggler; compare time to a target loss."""
-    from ps.cli.consistency_runner import aggregate, run_policy, summarize
+    from worker.cli.consistency_runner import aggregate, run_policy, summarize
 
     chosen = parse_policies(policies)
     jobs = [(label, job_for(c, steps=steps, workers=workers)) for label, c in chosen]

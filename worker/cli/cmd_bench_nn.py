@@ -1,8 +1,8 @@
 """`psctl bench nn`: train_step throughput of the backprop library against the
 array module's own matmul speed, measured in the same run.
 
-The lead registers it: `bench.add_command(nn)`. `worker` is imported inside
-the function only, so `ps` stays importable without it.
+Plugged into `psctl bench` by the `psctl.bench` entry points of setup.cfg;
+the backprop library is imported inside the function only.
 """
 from __future__ import annotations
 

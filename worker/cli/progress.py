@@ -30,7 +30,6 @@ class ProgressBar:
         self._next_tenth = 0.0
         self._drawn = False
         self._pending: str | None = None
-        self.rows: list[dict] = []   # (time, progress) samples, for a plot
 
     def line(self, row: dict) -> str:
         step, total = row.get("step") or 0, row.get("total_steps") or 0
@@ -49,7 +48,6 @@ class ProgressBar:
         return "".join(parts)
 
     def update(self, row: dict) -> None:
-        self.rows.append({"t": time.monotonic() - self.started, **row})
         text = self.line(row)
         if self.tty:
             self.stream.write("\r" + text + "\x1b[K")
@@ -80,7 +78,7 @@ def write_loss_plot(rows: list[dict], path: str, *, title: str) -> str | None:
     """Training loss (and test accuracy) against wall time as a PNG; None if matplotlib is missing.
 
     rows: progress samples with "t" (seconds since the start), "loss" and
-    optionally "test_accuracy" (the scheduler's `curve`, or the bar's rows).
+    optionally "test_accuracy" (the scheduler's `curve` of the job).
     """
     try:
         import matplotlib

@@ -6,8 +6,8 @@ import time
 
 import click
 
-from ps.cli.common import scheduler_address
-from ps.cli.progress import ProgressBar, print_summary
+from worker.cli.common import scheduler_address
+from worker.cli.progress import ProgressBar, print_summary
 
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 # How often `--wait` asks the scheduler how the job is doing.
@@ -68,36 +68,27 @@ def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = N
     """
     from protocol.messages import Status
 
-    bar = ProgressBar(label=job, stream=None if show else _Discard())
+    bar = ProgressBar(label=job) if show else None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while True:
             body = _call(client, Status(job=job))
-            if body.get("progress"):
+            if bar is not None and body.get("progress"):
                 bar.update(body["progress"])
             if body["state"] in FINAL_STATES:
                 if plot:
-                    _plot(body.get("curve") or bar.rows, plot, job)
+                    _plot(body.get("curve") or [], plot, job)  # the scheduler's samples of the whole run
                 return body
             if deadline is not None and time.monotonic() > deadline:
                 raise click.ClickException(f"job {job} did not finish within {timeout_s:g}s (still {body['state']})")
             time.sleep(POLL_INTERVAL_S)  # polling a remote service, not waiting on a test
     finally:
-        bar.close()
-
-
-class _Discard:
-    """A stream that drops what it is given (a bar that only records)."""
-
-    def write(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
+        if bar is not None:
+            bar.close()
 
 
 def _plot(rows: list[dict], path: str, job: str) -> None:
-    from ps.cli.progress import write_loss_plot
+    from worker.cli.progress import write_loss_plot
 
     try:
         written = write_loss_plot(rows, path, title=job)
@@ -141,7 +132,7 @@ def submit(job_file, scheduler, wait, as_json, plot):
 def status(job, scheduler, as_json):
     """Show one job (clocks, staleness, progress) or, without JOB, the cluster."""
     from protocol.messages import Status
-    from ps.cli.status_view import render_cluster, render_job
+    from worker.cli.status_view import render_cluster, render_job
 
     body = _call(_client(scheduler), Status(job=job or ""))
     if as_json:
@@ -156,7 +147,7 @@ def status(job, scheduler, as_json):
 def list_jobs(scheduler, as_json):
     """List every job, newest first."""
     from protocol.messages import List
-    from ps.cli.status_view import render_list
+    from worker.cli.status_view import render_list
 
     body = _call(_client(scheduler), List())
     click.echo(json.dumps(body, sort_keys=True, default=str) if as_json else render_list(body["jobs"]))

@@ -2,12 +2,12 @@
 shard processes, next to raw pyzmq request/reply of the same bytes measured
 in the same run.
 
-The lead registers it: `bench.add_command(pushpull)`. `worker` is imported
-inside the command only, so `ps` stays importable without it.
+Plugged into `psctl bench` by the `psctl.bench` entry points of setup.cfg;
+the client code is imported inside the command only.
 
 For each size: S `psctl server` processes hold a table of float32 tensors
 of that many bytes in all (SGD, a tiny learning rate), and S raw echo
-processes (ps/cli/raw_echo.py) stand beside them. The raw reference mirrors
+processes (worker/cli/raw_echo.py) stand beside them. The raw reference mirrors
 our messages frame for frame: to each echo server go the bytes our client
 sends to the matching shard, and back come the bytes that shard returns:
 
@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import select
-import signal
-import subprocess
-import sys
+import shutil
 import tempfile
 import time
 
 import click
 
-from ps.cli.common import SIZE
+from worker.cli.cmd_run import LocalCluster
+from worker.cli.common import sizes_option
 
 OPS = ("push", "pull", "push_pull")
 DEFAULT_SIZES_BYTES = (4 * 1024, 1024**2, 16 * 1024**2)
@@ -45,8 +42,6 @@ MAX_REPEATS = 100_000
 # of --min-time, whichever takes longer (sockets connected, caches hot).
 WARMUP_CALLS = 3
 WARMUP_SHARE = 0.1
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
 # Gradient values and learning rate: small, so thousands of steps keep the
 # parameters finite and ordinary.
@@ -64,89 +59,6 @@ COLUMNS = (  # (header, row key, format)
     ("raw GB/s", "raw_gb_per_s", "{:.2f}"),
     ("slowdown", "slowdown", "{:.2f}"),
 )
-
-
-# --- child processes ------------------------------------------------------------
-
-class Children:
-    """The processes the bench starts; `stop_all()` ends and reaps every one.
-
-    Each child runs in its own session, so a Ctrl-C in the terminal reaches
-    only the bench, which then stops them in order.
-    """
-
-    def __init__(self) -> None:
-        self.procs: list[tuple[subprocess.Popen, str]] = []  # (process, stderr log path)
-
-    def start(self, *args: str) -> dict:
-        """Start `python args...` and return the facts of its `READY {json}` line.
-
-        Blocks up to READY_TIMEOUT_S; raises click.ClickException with the
-        child's last stderr lines if it exits or stays silent.
-        """
-        fd, log_path = tempfile.mkstemp(prefix="psctl-bench-", suffix=".log")
-        with os.fdopen(fd, "wb") as log:
-            proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=log,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.procs.append((proc, log_path))
-        facts = _read_ready(proc, READY_TIMEOUT_S)
-        if facts is None:
-            with open(log_path, errors="replace") as f:
-                tail = f.read()[-2000:].strip()
-            raise click.ClickException(f"{' '.join(args[:4])} did not report ready within "
-                                       f"{READY_TIMEOUT_S:.0f}s (exit status {proc.poll()}): {tail}")
-        return facts
-
-    @property
-    def pids(self) -> list[int]:
-        return [proc.pid for proc, _ in self.procs]
-
-    def stop_all(self) -> None:
-        """SIGTERM every child, wait, SIGKILL what is left; reap all and remove their logs."""
-        for proc, _ in self.procs:
-            _signal(proc, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc, log_path in self.procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal(proc, signal.SIGKILL)
-                proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-            try:
-                os.unlink(log_path)
-            except OSError:
-                pass
-        self.procs.clear()
-
-
-def _signal(proc: subprocess.Popen, sig: int) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _read_ready(proc: subprocess.Popen, timeout_s: float) -> dict | None:
-    """The JSON of the child's READY line, or None at EOF or timeout."""
-    deadline = time.monotonic() + timeout_s
-    fd = proc.stdout.fileno()
-    buf = b""
-    while True:
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            if line.startswith(b"READY "):
-                return json.loads(line[6:])
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            return None
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            return None
-        buf += chunk
 
 
 # --- measurement ----------------------------------------------------------------
@@ -192,7 +104,7 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> 
     """One row per op for the table `plan` describes (created already through `client`)."""
     import numpy as np
 
-    from ps.cli.raw_echo import EchoClient, filled
+    from worker.cli.raw_echo import EchoClient, filled
 
     grads = {t.name: np.full(t.shape, GRAD_VALUE, np.float32) for t in plan.tensors}
     outs = {t.name: np.ones(t.shape, np.float32) for t in plan.tensors}  # reused: no page faults
@@ -231,23 +143,23 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> 
 
 
 def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, repeat: int | None,
-              min_time_s: float, children: Children) -> list[dict]:
+              min_time_s: float, children: LocalCluster) -> list[dict]:
     """Start the processes into `children`, measure every size, return the rows (children left running)."""
     import numpy as np
 
     from protocol.buffers import keep_freed_buffers
     from protocol.plan import make_plan
-    from ps.cli.raw_echo import EchoClient
+    from worker.cli.raw_echo import EchoClient
     from worker.client import ParamClient
 
     # This process is the client of both ours and raw: it reuses freed
     # receive buffers for both, as every shard and echo server does.
     keep_freed_buffers()
 
-    addrs = [children.start("-m", "ps.cli", "server", "--bind", "tcp://127.0.0.1:0", "--shard-id", str(k),
+    addrs = [children.start(f"server-{k}", "server", "--bind", "tcp://127.0.0.1:0", "--shard-id", str(k),
                             "--log-level", "warning")["addr"] for k in range(servers)]
-    raw_addrs = [children.start("-m", "ps.cli.raw_echo", "--bind", "tcp://127.0.0.1:0")["addr"]
-                 for _ in range(servers)]
+    raw_addrs = [children.start(f"echo-{k}", "--bind", "tcp://127.0.0.1:0", module="worker.cli.raw_echo")["addr"]
+                 for k in range(servers)]
     rows = []
     echo = EchoClient(raw_addrs, timeout_s=REQUEST_TIMEOUT_S)
     try:
@@ -300,13 +212,13 @@ def format_table(rows: list[dict]) -> str:
 @click.command("pushpull")
 @click.option("--servers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Shard processes to start (and as many raw echo processes).")
-@click.option("--size", "sizes", type=SIZE, multiple=True, metavar="BYTES",
+@click.option("--size", "sizes", callback=sizes_option, multiple=True, metavar="BYTES",
               help="Bytes of parameters pushed and pulled per call; repeat for several "
                    "[default: 4KiB, 1MiB, 16MiB].")
 @click.option("--tensors", type=click.IntRange(1, 100_000), default=1, show_default=True,
               help="Split each size over this many float32 tensors (many small tensors batch "
                    "into one message per shard).")
-@click.option("--partition-bytes", type=SIZE, default=str(DEFAULT_PARTITION_BYTES), show_default=True,
+@click.option("--partition-bytes", callback=sizes_option, default=str(DEFAULT_PARTITION_BYTES), show_default=True,
               help="Largest slice of a tensor on one shard.")
 @click.option("--repeat", type=click.IntRange(1), default=None,
               help="Timed calls per figure (each of ours and raw); overrides --min-time.")
@@ -329,12 +241,14 @@ def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes
                                        f"fewer than --tensors {tensors}")
     if partition_bytes < 4:
         raise click.ClickException(f"--partition-bytes must be at least 4 (one float32), found {partition_bytes}")
-    children = Children()
+    log_dir = tempfile.mkdtemp(prefix="psctl-bench-")
+    children = LocalCluster(log_dir)
     try:
         rows = run_bench(servers, sizes, partition_bytes=partition_bytes, tensors=tensors, repeat=repeat,
                          min_time_s=min_time, children=children)
     finally:
-        children.stop_all()
+        children.stop()
+        shutil.rmtree(log_dir, ignore_errors=True)
     facts = {"servers": servers, "partition_bytes": partition_bytes, "tensors": tensors, "transport": "tcp"}
     if as_json:
         click.echo(json.dumps({**facts, "results": rows}))
