@@ -123,7 +123,7 @@ def train_local(job_file: str, device: str, steps: int | None, as_json: bool, qu
     from worker.trainer import LocalTrainer, total_steps
 
     # The servers' optimizer code, handed over by the `psctl` group (ps/cli):
-    # worker/ does not import ps/, and the reference run must use that code.
+    # worker/ stays independent of the server side, yet the reference run must use that code.
     updaters = (click.get_current_context().find_object(dict) or {}).get("updater_factory")
     if updaters is None:
         raise click.ClickException("train-local needs the servers' optimizers: run it as `psctl train-local`")
