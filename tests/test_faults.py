@@ -11,6 +11,9 @@ from tests.test_jobs import job_file, psctl_json, status, wait_until
 from worker.client import ParamClient
 
 HEARTBEAT_TIMEOUT = "2"
+# Each step takes this many times its compute time: a few seconds per job.
+SLOW = ("--slowdown", "10")
+STEPS = 600
 
 
 def free_port() -> int:
@@ -23,18 +26,26 @@ def test_killed_worker_is_replaced_and_the_job_still_succeeds(procs, tmp_path):
     sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
     addr = sched.ready["addr"]
     procs.server(0, "--scheduler", addr)
-    workers = [procs.start("worker", "--scheduler", addr) for _ in range(3)]
-    spec = job_file(tmp_path, workers=2, steps=600, target_accuracy=None)
+    # Slowed steps keep the job running for seconds, not the fraction of a
+    # second it takes at full speed, so the kill lands mid-job.
+    workers = [procs.start("worker", "--scheduler", addr, *SLOW) for _ in range(3)]
+    spec = job_file(tmp_path, workers=2, steps=STEPS, target_accuracy=None)
     job = psctl_json("submit", spec, "--scheduler", addr)["job"]
     wait_until(lambda: (status(addr, job).get("progress") or {}).get("step", 0) >= 30, what="training under way")
-    busy = {p["worker"] for p in status(addr, job)["partitions"] if p["worker"]}
+    before = status(addr, job)
+    busy = {p["worker"] for p in before["partitions"] if p["worker"]}
+    assert before["state"] == "running" and len(busy) == 2, before["state"]
     victim = next(w for w in workers if w.ready["worker"] in busy)
+    spare = next(w for w in workers if w.ready["worker"] not in busy)
     victim.signal(signal.SIGKILL)
     victim.wait(timeout=10)
+    assert status(addr, job)["progress"]["step"] < STEPS, "the job ended before the worker died: nothing was tested"
+    wait_until(lambda: spare.ready["worker"] in {p["worker"] for p in status(addr, job)["partitions"]},
+               what="the spare worker took over the dead worker's partition")
     wait_until(lambda: status(addr, job)["state"] == "succeeded", what="job succeeded after a worker died")
     final = status(addr, job)
     assert final["result"]["test_accuracy"] >= 0.9
-    assert final["result"]["steps"] == 600
+    assert final["result"]["steps"] == STEPS
 
 
 def test_restarted_shard_restores_its_latest_checkpoint(procs, tmp_path):
@@ -66,12 +77,14 @@ def test_scheduler_killed_mid_job_comes_back_and_the_job_finishes(procs, tmp_pat
     first = procs.start("scheduler", "--bind", bind, "--state-dir", state, "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
     procs.server(0, "--scheduler", bind)
     for _ in range(2):
-        procs.start("worker", "--scheduler", bind)
-    job = psctl_json("submit", job_file(tmp_path, workers=2, steps=800), "--scheduler", bind)["job"]
-    wait_until(lambda: (status(bind, job).get("progress") or {}).get("step", 0) >= 50, what="training under way")
+        procs.start("worker", "--scheduler", bind, *SLOW)
+    job = psctl_json("submit", job_file(tmp_path, workers=2, steps=STEPS), "--scheduler", bind)["job"]
+    wait_until(lambda: (status(bind, job).get("progress") or {}).get("step", 0) >= 30, what="training under way")
+    before = status(bind, job)
     first.signal(signal.SIGKILL)
     first.wait(timeout=10)
+    assert before["state"] == "running" and before["progress"]["max_step"] < STEPS, "nothing left to recover"
     procs.start("scheduler", "--bind", bind, "--state-dir", state, "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
     wait_until(lambda: status(bind, job)["state"] == "succeeded", what="job finished under the new scheduler")
     result = status(bind, job)["result"]
-    assert result["test_accuracy"] >= 0.9 and result["steps"] == 800
+    assert result["test_accuracy"] >= 0.9 and result["steps"] == STEPS
