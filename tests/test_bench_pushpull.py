@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from worker.cli import cmd_bench_pushpull as bench
 
-ROW_FIELDS = {"op", "size", "median_s", "p90_s", "raw_median_s", "slowdown"}
+ROW_FIELDS = {"op", "size", "median_s", "p90_s", "raw_median_s", "slowdown", "floor_median_s", "over_floor"}
 
 
 @pytest.fixture
@@ -54,6 +54,8 @@ def test_json_rows_and_every_process_reaped(started):
         assert 0 < row["median_s"] <= row["p90_s"]
         assert row["raw_median_s"] > 0
         assert row["slowdown"] == pytest.approx(row["median_s"] / row["raw_median_s"])
+        assert 0 < row["floor_median_s"] <= row["floor_p90_s"]
+        assert row["over_floor"] == pytest.approx(row["median_s"] / row["floor_median_s"])
     assert len(started) == 4  # two shards, two raw echo servers
     assert not [pid for pid in started if alive(pid)]
 
@@ -80,6 +82,37 @@ def test_table_output_names_every_column(started):
     result = CliRunner().invoke(bench.pushpull, ["--size", "8KiB", "--repeat", "2"])
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[1]
-    for column in ("median ms", "p90 ms", "GB/s", "raw median ms", "slowdown"):
+    for column in ("median ms", "p90 ms", "GB/s", "raw median ms", "slowdown", "floor ms", "over floor"):
         assert column in header
     assert "push_pull" in result.output and "8 KiB" in result.output
+
+
+def test_floor_server_really_updates_and_echo_stays_plain(tmp_path):
+    """The floor must do the work it claims: a one-pass update of the server's own parameters."""
+    import numpy as np
+
+    from worker.cli.raw_echo import EchoClient
+
+    children = bench.LocalCluster(str(tmp_path))
+    try:
+        addr = children.start("echo", "--bind", "tcp://127.0.0.1:0", module="worker.cli.raw_echo")["addr"]
+        echo = EchoClient([addr], timeout_s=10)
+        try:
+            grads = [np.full(8, 1.5, np.float32), np.full(4, 0.25, np.float32)]
+            sizes = [g.nbytes for g in grads]
+            for step in (1, 2):
+                (reply,) = echo.request({0: [EchoClient.sizes_frame(sizes, update=True), *grads]})
+                assert reply[0].bytes == b"r"
+                got = [np.frombuffer(f.buffer, np.float32) for f in reply[1:]]
+                np.testing.assert_array_equal(got[0], np.full(8, -1.5 * step, np.float32))
+                np.testing.assert_array_equal(got[1], np.full(4, -0.25 * step, np.float32))
+            # a floor pull (no payload) reads the updated parameters without changing them
+            (reply,) = echo.request({0: [EchoClient.sizes_frame(sizes, update=True)]})
+            np.testing.assert_array_equal(np.frombuffer(reply[1].buffer, np.float32), np.full(8, -3.0, np.float32))
+            # the plain echo answers from its own filled buffers, untouched by the updates
+            (reply,) = echo.request({0: [EchoClient.sizes_frame(sizes), *grads]})
+            assert [len(f) for f in reply[1:]] == sizes and set(reply[1].bytes) == {0x5A}
+        finally:
+            echo.close()
+    finally:
+        children.stop()

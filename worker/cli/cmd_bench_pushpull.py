@@ -15,8 +15,13 @@ sends to the matching shard, and back come the bytes that shard returns:
     pull       a tiny request out, the parameter slices back
     push_pull  the gradient slices out, the parameter slices back
 
-Ours and raw alternate call by call, so machine noise hits both alike.
-slowdown = our median / raw median; 1.0 would mean no overhead at all.
+Beside raw stands the floor (worker/cli/raw_echo.py): the same round trips
+plus the least work the bytes need, in numpy (the server's one-pass update
+of its parameters, the client's one copy of the replies). slowdown = our
+median / raw median; 1.0 would mean no overhead at all. over_floor = our
+median / the floor's: what the machinery costs beyond the work itself.
+Ours, raw and the floor take turns call by call, so machine noise hits
+all three alike.
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ COLUMNS = (  # (header, row key, format)
     ("raw p90 ms", "raw_p90_s", "ms"),
     ("raw GB/s", "raw_gb_per_s", "{:.2f}"),
     ("slowdown", "slowdown", "{:.2f}"),
+    ("floor ms", "floor_median_s", "ms"),
+    ("over floor", "over_floor", "{:.2f}"),
 )
 
 
@@ -70,17 +77,20 @@ def _quantiles(times: list[float]) -> tuple[float, float]:
     return float(np.median(arr)), float(np.percentile(arr, 90))
 
 
-def _timed_pairs(ours, raw, *, repeat: int | None, min_time_s: float) -> tuple[list, list]:
-    """Call ours() and raw() alternately (swapping who goes first) and time each call."""
+def _timed_rounds(fns: list, *, repeat: int | None, min_time_s: float) -> list[list[float]]:
+    """Call every fn once per round, rotating who goes first, and time each call.
+
+    Returns one list of call times per fn. Rounds stop after `repeat`, or
+    once `min_time_s` was spent (at least MIN_REPEATS rounds).
+    """
     perf = time.perf_counter
     warm_until = perf() + (0.0 if repeat is not None else WARMUP_SHARE * min_time_s)
     calls = 0
     while calls < WARMUP_CALLS or perf() < warm_until:
-        ours()
-        raw()
+        for fn in fns:
+            fn()
         calls += 1
-    t_ours: list[float] = []
-    t_raw: list[float] = []
+    times: list[list[float]] = [[] for _ in fns]
     spent = 0.0
     i = 0
     while True:
@@ -89,22 +99,22 @@ def _timed_pairs(ours, raw, *, repeat: int | None, min_time_s: float) -> tuple[l
                 break
         elif i >= MAX_REPEATS or (i >= MIN_REPEATS and spent >= min_time_s):
             break
-        order = ((ours, t_ours), (raw, t_raw)) if i % 2 == 0 else ((raw, t_raw), (ours, t_ours))
-        for fn, times in order:
+        for j in range(len(fns)):
+            k = (i + j) % len(fns)
             t0 = perf()
-            fn()
+            fns[k]()
             dt = perf() - t0
-            times.append(dt)
+            times[k].append(dt)
             spent += dt
         i += 1
-    return t_ours, t_raw
+    return times
 
 
 def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> list[dict]:
     """One row per op for the table `plan` describes (created already through `client`)."""
     import numpy as np
 
-    from worker.cli.raw_echo import EchoClient, filled
+    from worker.cli.raw_echo import filled
 
     grads = {t.name: np.full(t.shape, GRAD_VALUE, np.float32) for t in plan.tensors}
     outs = {t.name: np.ones(t.shape, np.float32) for t in plan.tensors}  # reused: no page faults
@@ -113,14 +123,11 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> 
     raw_grad = {t.name: filled(t.size * t.itemsize) for t in plan.tensors}
     frames = {k: [raw_grad[s.name][s.start * 4:s.stop * 4] for s in plan.slices_on(k)]
               for k in range(plan.num_shards) if plan.slices_on(k)}
-    none = EchoClient.sizes_frame([])
-    back = {k: EchoClient.sizes_frame([f.nbytes for f in fs]) for k, fs in frames.items()}
-    raw_sends = {
-        "push": {k: [none, *fs] for k, fs in frames.items()},
-        "pull": {k: [back[k]] for k in frames},
-        "push_pull": {k: [back[k], *fs] for k, fs in frames.items()},
-    }
-    raw = {op: functools.partial(echo.request, sends) for op, sends in raw_sends.items()}
+    raw = {op: functools.partial(echo.request, sends) for op, sends in _raw_sends(frames, update=False).items()}
+    # The floor: the same round trips, the server's one-pass update and our copy of the replies.
+    floor_out = {k: [filled(f.nbytes) for f in fs] for k, fs in frames.items()}
+    floor = {op: functools.partial(_floor_call, echo, sends, floor_out)
+             for op, sends in _raw_sends(frames, update=True).items()}
     ours = {
         "push": lambda: client.push(grads),
         "pull": lambda: client.pull(out=outs),
@@ -129,17 +136,42 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> 
     moved = {"push": size, "pull": size, "push_pull": 2 * size}  # payload bytes sent + received
     rows = []
     for op in OPS:
-        t_ours, t_raw = _timed_pairs(ours[op], raw[op], repeat=repeat, min_time_s=min_time_s)
+        t_ours, t_raw, t_floor = _timed_rounds([ours[op], raw[op], floor[op]], repeat=repeat, min_time_s=min_time_s)
         median, p90 = _quantiles(t_ours)
         raw_median, raw_p90 = _quantiles(t_raw)
+        floor_median, floor_p90 = _quantiles(t_floor)
         rows.append({
             "op": op, "size": size, "tensors": len(plan.tensors), "repeats": len(t_ours),
             "median_s": median, "p90_s": p90,
             "raw_median_s": raw_median, "raw_p90_s": raw_p90,
+            "floor_median_s": floor_median, "floor_p90_s": floor_p90,
             "gb_per_s": moved[op] / median / 1e9, "raw_gb_per_s": moved[op] / raw_median / 1e9,
             "slowdown": median / raw_median,
+            "over_floor": median / floor_median,
         })
     return rows
+
+
+def _raw_sends(frames: dict[int, list], *, update: bool) -> dict[str, dict[int, list]]:
+    """Per op, the frames each echo server gets: the sizes of the reply it must send, then the payload."""
+    from worker.cli.raw_echo import EchoClient
+
+    none = EchoClient.sizes_frame([], update=update)
+    back = {k: EchoClient.sizes_frame([f.nbytes for f in fs], update=update) for k, fs in frames.items()}
+    return {
+        "push": {k: [none, *fs] for k, fs in frames.items()},
+        "pull": {k: [back[k]] for k in frames},
+        "push_pull": {k: [back[k], *fs] for k, fs in frames.items()},
+    }
+
+
+def _floor_call(echo, sends: dict[int, list], outs: dict[int, list]) -> None:
+    """One floor round trip, each reply frame then copied once into the caller's array, as ours does."""
+    import numpy as np
+
+    for k, reply in zip(sends, echo.request(sends), strict=True):
+        for frame, dst in zip(reply[1:], outs[k], strict=False):
+            np.copyto(dst, np.frombuffer(frame.buffer, np.uint8))
 
 
 def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, repeat: int | None,
@@ -230,7 +262,9 @@ def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes
     """Time push, pull and push_pull through S shard processes against raw pyzmq.
 
     GB/s counts payload bytes sent plus received; slowdown is our median
-    over the raw median of the same bytes, measured in the same run.
+    over the raw median of the same bytes, measured in the same run; over
+    floor is our median over raw plus the least numpy work those bytes need
+    (a one-pass update on the server, one copy into the client's arrays).
     """
     sizes = list(sizes) or list(DEFAULT_SIZES_BYTES)
     for size in sizes:
@@ -254,5 +288,6 @@ def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes
         click.echo(json.dumps({**facts, "results": rows}))
         return
     click.echo(f"servers: {servers}  partition: {human_size(partition_bytes)}  tensors: {tensors}  "
-               f"transport: tcp (127.0.0.1)  raw: pyzmq zero-copy request/reply of the same frames")
+               f"transport: tcp (127.0.0.1)  raw: pyzmq zero-copy request/reply of the same frames  "
+               f"floor: raw + numpy update on the server + copy into the client's arrays")
     click.echo(format_table(rows))

@@ -10,12 +10,22 @@ The echo server reuses freed receive buffers exactly as the shards do
 process beside the ParamClient, which does the same; so the reference is
 the transport at its best, not a strawman that page-faults every message.
 
+It also serves the work floor: the same round trip plus the least work
+any parameter server must do with those bytes, in numpy. Asked for the
+floor, the server subtracts each payload frame, as float32, from a
+parameter buffer of its own (one pass: SGD at learning rate 1) before it
+replies with those buffers, and the bench client copies each reply frame
+into an array of its own. What `psctl bench pushpull` measures above the
+floor is the cost of the pscluster machinery itself, not of the work.
+
 Wire form (this module only; it is not the pscluster protocol):
 
     request   [sizes, payload frame, ...]   sizes: little-endian uint64 byte
-              count of every frame the reply must carry (empty: none)
+              count of every frame the reply must carry (empty: none);
+              prefixed with the byte b"u" to ask for the update first
     reply     [b"r", frame, ...]            one frame per requested size,
               sent zero-copy from buffers the server filled once at start
+              (with b"u": the parameter buffers, updated)
 
 Run the server as `python -m worker.cli.raw_echo --bind tcp://127.0.0.1:0`; it
 prints `READY {json}` with its "addr" and serves until SIGTERM or SIGINT.
@@ -39,6 +49,7 @@ POLL_INTERVAL_MS = 100
 MAX_REPLY_BYTES = 2 * 1024**3
 SIZES_DTYPE = np.dtype("<u8")
 REPLY_TAG = b"r"
+UPDATE_TAG = b"u"
 
 
 def filled(nbytes: int) -> np.ndarray:
@@ -63,6 +74,7 @@ class EchoServer:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.stopping = False
         self._buffers: dict[int, np.ndarray] = {}  # byte count -> reply buffer, reused forever
+        self._params: dict[tuple[int, int], np.ndarray] = {}  # (frame index, byte count) -> float32 buffer
 
     def stop(self) -> None:
         self.stopping = True
@@ -73,6 +85,20 @@ class EchoServer:
             buf = self._buffers[nbytes] = filled(nbytes)
         return buf
 
+    def _param(self, index: int, nbytes: int) -> np.ndarray:
+        buf = self._params.get((index, nbytes))
+        if buf is None:
+            buf = self._params[(index, nbytes)] = filled(nbytes).view(np.float32)
+            buf.fill(0.0)
+        return buf
+
+    def _update(self, payload: Sequence[zmq.Frame]) -> None:
+        """The floor's work: each payload frame subtracted, in place, from its parameter buffer."""
+        for i, frame in enumerate(payload):
+            if len(frame) % 4 == 0:
+                param = self._param(i, len(frame))
+                np.subtract(param, np.frombuffer(frame.buffer, np.float32), out=param)
+
     def serve(self) -> None:
         """Answer requests until `stop()`; then close the socket."""
         try:
@@ -80,12 +106,21 @@ class EchoServer:
                 if not self.sock.poll(POLL_INTERVAL_MS):
                     continue
                 frames = self.sock.recv_multipart(copy=False)
-                if len(frames) < 2 or len(frames[1]) % SIZES_DTYPE.itemsize:
+                if len(frames) < 2:
                     continue  # not ours: nothing sensible to answer
-                sizes = np.frombuffer(frames[1].buffer, SIZES_DTYPE).tolist()
+                head = frames[1].bytes
+                update = head[:1] == UPDATE_TAG and len(head) % SIZES_DTYPE.itemsize == 1
+                if len(head) % SIZES_DTYPE.itemsize and not update:
+                    continue
+                sizes = np.frombuffer(head[1:] if update else head, SIZES_DTYPE).tolist()
                 if sum(sizes) > MAX_REPLY_BYTES:
                     continue
-                reply = [frames[0], REPLY_TAG, *(self._buffer(n) for n in sizes)]
+                if update:
+                    self._update(frames[2:])
+                    bufs = [self._param(i, n) for i, n in enumerate(sizes)]
+                else:
+                    bufs = [self._buffer(n) for n in sizes]
+                reply = [frames[0], REPLY_TAG, *bufs]
                 try:
                     self.sock.send_multipart(reply, zmq.DONTWAIT, copy=False)
                 except zmq.ZMQError:
@@ -113,9 +148,11 @@ class EchoClient:
             self.socks.append(sock)
 
     @staticmethod
-    def sizes_frame(reply_sizes: Sequence[int]) -> bytes:
-        """The first frame of a request whose reply carries frames of `reply_sizes` bytes."""
-        return np.asarray(list(reply_sizes), SIZES_DTYPE).tobytes()
+    def sizes_frame(reply_sizes: Sequence[int], *, update: bool = False) -> bytes:
+        """The first frame of a request whose reply carries frames of `reply_sizes` bytes
+        (with `update`, a floor request: the server updates its parameters first)."""
+        sizes = np.asarray(list(reply_sizes), SIZES_DTYPE).tobytes()
+        return UPDATE_TAG + sizes if update else sizes
 
     def request(self, sends: Mapping[int, list]) -> list:
         """Send each server k its frames `sends[k]` (sizes frame first) and gather the replies.
