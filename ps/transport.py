@@ -62,6 +62,27 @@ def bind_router(ctx: zmq.Context, addr: str) -> tuple[zmq.Socket, str]:
     return sock, endpoint
 
 
+# Plain ints: pyzmq's flag enums cost a microsecond per use on the data path.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_FIRST_FLAGS = int(zmq.SNDMORE | zmq.DONTWAIT)
+
+
+def recv_message(sock: zmq.Socket) -> list[zmq.Frame]:
+    """One whole multipart message as frames, without copies; raises zmq.Again if none waits.
+
+    ZeroMQ delivers the parts of a message together, so once the first part
+    is here the rest are; `Frame.more` says whether one follows, which saves
+    pyzmq's recv_multipart a getsockopt per part.
+    """
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames
+
+
 def split_envelope(frames: Sequence[zmq.Frame]) -> tuple[list, list]:
     """(routing envelope, message frames) of a message read from a ROUTER.
 
@@ -84,18 +105,18 @@ def send_reply(sock: zmq.Socket, envelope: Sequence, frames: Sequence, *, track:
     anyway) and have no tracker (None): their memory is free on return.
     """
     try:
-        sock.send(envelope[0], zmq.SNDMORE | zmq.DONTWAIT, copy=True)
+        sock.send(envelope[0], _FIRST_FLAGS, copy=True)
     except zmq.ZMQError as exc:
         if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
             return None
         raise
     # After the first part ZeroMQ takes the whole message atomically.
     for part in envelope[1:]:
-        sock.send(part, zmq.SNDMORE, copy=True)
+        sock.send(part, _SNDMORE, copy=True)
     trackers = []
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        flags = 0 if i == last else zmq.SNDMORE
+        flags = 0 if i == last else _SNDMORE
         if memoryview(frame).nbytes < COPY_THRESHOLD_BYTES:
             # A plain copying send skips building a zero-copy Frame object.
             sock.send(frame, flags, copy=True)
