@@ -41,6 +41,7 @@ class SchedulerOps:
                 log.warning("shard moved", extra={"shard": msg.shard, "old": old.addr, "new": msg.addr})
             self.servers[msg.shard] = Peer("server", f"shard-{msg.shard}", now, dict(msg.info), msg.addr, msg.shard)
             log.info("server registered", extra={"shard": msg.shard, "addr": msg.addr})
+            self._shard_came_back(msg.shard, msg.addr)
         elif msg.role == "worker":
             if not msg.worker:
                 raise ProtocolError(ErrorCode.BAD_FIELD, "a worker registers with its worker id", rid=msg.rid)
@@ -74,7 +75,26 @@ class SchedulerOps:
         run = self.runs.get(msg.job) if msg.job else None
         if run is not None:
             run.progress(msg.worker, msg.state)
-        self._ok(envelope, msg, {"stop": self._should_stop(msg.worker, msg.job)})
+        body = {"stop": self._should_stop(msg.worker, msg.job)}
+        if run is not None:
+            body["shards"] = run.shards  # where the job's shards are now: a restarted one may have moved
+        self._ok(envelope, msg, body)
+
+    def _shard_came_back(self, shard: int, addr: str) -> None:
+        """A (re)registered shard: running jobs follow it to `addr` and tell it their membership.
+
+        A shard restarted from its checkpoints may listen elsewhere now, and
+        knows at best the membership of its last checkpoint. Workers learn the
+        new address from their heartbeat replies.
+        """
+        for run in self.runs.values():
+            if shard >= len(run.shards):
+                continue
+            if run.shards[shard] != addr:
+                log.warning("job follows its shard", extra={"job": run.job_id, "shard": shard, "addr": addr})
+                run.shards[shard] = addr
+                self.registry.update(run.job_id, shards=run.shards)
+            self._send_membership(run)
 
     def _should_stop(self, worker: str, job: str) -> bool:
         """True when `worker` must leave `job` (ended, stopping, or no longer its assignment)."""

@@ -5,6 +5,7 @@ import signal
 import socket
 
 import numpy as np
+import pytest
 
 from protocol.plan import make_plan
 from tests.test_jobs import job_file, psctl_json, status, wait_until
@@ -13,7 +14,7 @@ from worker.client import ParamClient
 HEARTBEAT_TIMEOUT = "2"
 # Each step takes this many times its compute time: a few seconds per job.
 SLOW = ("--slowdown", "10")
-STEPS = 600
+STEPS = 1000
 
 
 def free_port() -> int:
@@ -46,6 +47,32 @@ def test_killed_worker_is_replaced_and_the_job_still_succeeds(procs, tmp_path):
     final = status(addr, job)
     assert final["result"]["test_accuracy"] >= 0.9
     assert final["result"]["steps"] == STEPS
+
+
+@pytest.mark.parametrize("policy", ["asp", "bsp"])
+def test_killed_shard_restarted_elsewhere_is_followed_and_the_job_succeeds(procs, tmp_path, policy):
+    sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
+    addr = sched.ready["addr"]
+    ckpt = str(tmp_path / "ckpt")
+    first = procs.server(0, "--scheduler", addr, "--checkpoint-dir", ckpt)
+    for _ in range(2):
+        procs.start("worker", "--scheduler", addr, *SLOW)
+    spec = job_file(tmp_path, workers=2, steps=STEPS, target_accuracy=None, checkpoint_every=20,
+                    consistency={"policy": policy})
+    job = psctl_json("submit", spec, "--scheduler", addr)["job"]
+    wait_until(lambda: (status(addr, job).get("progress") or {}).get("step", 0) >= 30, what="training under way")
+    first.signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    before = status(addr, job)
+    assert before["state"] == "running" and before["progress"]["max_step"] < STEPS, "nothing left to recover"
+    # The same shard id from its checkpoints, on another port (as a rescheduled pod gets another address).
+    second = procs.server(0, "--scheduler", addr, "--checkpoint-dir", ckpt)
+    assert second.ready["addr"] != first.ready["addr"]
+    wait_until(lambda: status(addr, job)["state"] != "running", what="the job ended after its shard moved")
+    final = status(addr, job)
+    assert final["state"] == "succeeded", final["result"]
+    assert final["shards"] == [second.ready["addr"]]
+    assert final["result"]["steps"] == STEPS and final["result"]["test_accuracy"] >= 0.9
 
 
 def test_restarted_shard_restores_its_latest_checkpoint(procs, tmp_path):

@@ -280,3 +280,22 @@ def test_psctl_status_shows_clocks_parked_pulls_and_staleness(procs, tmp_path):
     after = psctl_status(job, addr)
     assert after["state"] == "cancelled"
     assert after["shard_stats"] and "staleness_hist" in after["shard_stats"][0]
+
+
+# ------------------------------------------------------------------ (d) stragglers do not compound
+
+def test_slowed_workers_under_bsp_keep_a_steady_pace(procs, tmp_path):
+    """`--slowdown` scales a worker's own work, not the time BSP holds it at the barrier:
+    two slowed workers waiting on each other must not slow down step after step."""
+    from tests.test_jobs import job_file, psctl_json, status, wait_until
+
+    sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), env=CHILD_ENV)
+    addr = sched.ready["addr"]
+    procs.server(0, "--scheduler", addr, env=CHILD_ENV)
+    for _ in range(2):
+        procs.start("worker", "--scheduler", addr, "--slowdown", "10", env=CHILD_ENV)
+    spec = job_file(tmp_path, workers=2, steps=150, target_accuracy=None, consistency={"policy": "bsp"})
+    job = psctl_json("submit", spec, "--scheduler", addr)["job"]
+    wait_until(lambda: status(addr, job)["state"] != "running", what="the BSP job of two slowed workers ended")
+    final = status(addr, job)
+    assert final["state"] == "succeeded" and final["result"]["steps"] == 150, final["result"]

@@ -14,7 +14,9 @@ socket; shards answer repeats without applying them twice. After `retries`
 repeats the call raises ShardTimeout naming the shard. Requests a policy
 may hold on purpose (clocked pulls under BSP/SSP) are retried for up to
 `max_wait_s` instead. An `error` reply raises ShardError with its code and
-sentence.
+sentence. With `resolve` (the job's current shard addresses, e.g. from the
+scheduler's heartbeat replies), a shard that was restarted at another
+address is followed: the request goes to the new address at once.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ REQUEST_RETRIES = 3
 MAX_POLICY_WAIT_S = 600.0
 # Messages queued per shard socket before send blocks.
 SEND_HWM_MSGS = 100
+# While replies are awaited, how often `resolve` is asked whether a shard moved.
+ADDRESS_CHECK_INTERVAL_S = 0.5
 # Frames smaller than this are copied into ZeroMQ's buffer instead of lent
 # zero-copy (pyzmq's own cut-off; a plain copy skips building a Frame object).
 COPY_THRESHOLD_BYTES = zmq.COPY_THRESHOLD
@@ -88,7 +92,8 @@ class ParamClient:
 
     def __init__(self, shards: Sequence[str], plan: Plan, *, job: str, worker: str | None = None,
                  ctx: zmq.Context | None = None, timeout_s: float = REQUEST_TIMEOUT_S,
-                 retries: int = REQUEST_RETRIES, max_wait_s: float = MAX_POLICY_WAIT_S):
+                 retries: int = REQUEST_RETRIES, max_wait_s: float = MAX_POLICY_WAIT_S,
+                 resolve: Callable[[], Sequence[str] | None] | None = None):
         if len(shards) != plan.num_shards:
             raise ValueError(f"the plan has {plan.num_shards} shards but {len(shards)} addresses were given")
         self.addrs = list(shards)
@@ -99,6 +104,7 @@ class ParamClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.max_wait_s = max_wait_s
+        self.resolve = resolve
         self.versions: list[int] = [-1] * len(self.addrs)  # last version seen per shard
         self.clocks: list[int] = [-1] * len(self.addrs)    # our clock on each shard, as it reported
         self._rids = itertools.count(1)
@@ -160,8 +166,11 @@ class ParamClient:
         started = time.monotonic()
         deadline = dict.fromkeys(requests, started + self.timeout_s)
         waiting = list(requests)
+        check_ms = int(ADDRESS_CHECK_INTERVAL_S * 1000) if self.resolve is not None else None
         while waiting:
             wait_ms = max(0, int((min(deadline[k] for k in waiting) - time.monotonic()) * 1000))
+            if check_ms is not None:
+                wait_ms = min(wait_ms, check_ms)
             # zmq_poll on a fresh list: a Poller object per wait costs more than the poll.
             ready = [sock for sock, _events in zmq.zmq_poll([(self._socks[k], zmq.POLLIN) for k in waiting], wait_ms)]
             for k in waiting:
@@ -175,6 +184,9 @@ class ParamClient:
             if not waiting:
                 break
             now = time.monotonic()
+            for k in self._follow_moves(waiting):  # restarted elsewhere: ask the new address now
+                _send(self._sock(k), frames[k])
+                deadline[k] = now + self.timeout_s
             for k in waiting:
                 if now < deadline[k]:
                     continue
@@ -188,6 +200,19 @@ class ParamClient:
                 _send(self._sock(k), frames[k])
                 deadline[k] = now + self.timeout_s * (1 if patient else min(2 ** tries[k], 8))
         return replies
+
+    def _follow_moves(self, shards: Sequence[int]) -> list[int]:
+        """Those of `shards` that `resolve` now places at another address; their sockets are reset to it."""
+        if self.resolve is None:
+            return []
+        current = self.resolve()
+        if not current or len(current) != len(self.addrs):
+            return []
+        moved = [k for k in shards if current[k] != self.addrs[k]]
+        for k in moved:
+            self._reset(k)
+            self.addrs[k] = current[k]
+        return moved
 
     def _receive(self, k: int, request: Message) -> Ok | None:
         sock = self._socks[k]

@@ -4,7 +4,9 @@ It has its own socket (ZeroMQ sockets are not shared between threads) and
 keeps beating while the main thread is busy computing or waiting on a
 barrier, so a slow step never looks like a dead worker. The scheduler's
 answer can tell the worker to leave its current job (`stop_requested`) or
-to register again after a scheduler restart (`reregister_needed`).
+to register again after a scheduler restart (`reregister_needed`). It also
+carries the current addresses of the job's shards, so a worker follows a
+shard that was restarted elsewhere (`shard_addresses`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class HeartbeatThread(threading.Thread):
         self._closing = threading.Event()
         self._job = ""
         self._state: dict = {}
+        self._shards: tuple[str, list[str]] | None = None  # (job, addresses) from the newest reply
         self._lock = threading.Lock()
 
     def report(self, job: str, state: dict) -> None:
@@ -43,6 +46,12 @@ class HeartbeatThread(threading.Thread):
             if job != self._job:
                 self.stop_requested.clear()
             self._job, self._state = job, dict(state)
+
+    def shard_addresses(self, job: str) -> list[str] | None:
+        """The addresses of `job`'s shards as the scheduler last told them, or None."""
+        with self._lock:
+            known = self._shards
+        return list(known[1]) if known is not None and known[0] == job else None
 
     def close(self) -> None:
         self._closing.set()
@@ -88,7 +97,10 @@ class HeartbeatThread(threading.Thread):
                 continue
             if reply.body.get("reregister"):
                 self.reregister_needed.set()
+            shards = reply.body.get("shards")
             with self._lock:
                 current = self._job
+                if reply.job and isinstance(shards, list) and all(isinstance(a, str) for a in shards):
+                    self._shards = (reply.job, shards)
             if reply.body.get("stop") and reply.job and reply.job == current:
                 self.stop_requested.set()

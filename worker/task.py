@@ -146,7 +146,8 @@ class Task:
 
     def _client(self, plan: Plan) -> ParamClient:
         self.client = ParamClient(self.a["shards"], plan, job=self.job, worker=self.worker, ctx=self.ctx,
-                                  timeout_s=10.0, retries=3)
+                                  timeout_s=10.0, retries=3,
+                                  resolve=lambda: self.heartbeat.shard_addresses(self.job))
         return self.client
 
     # --- training ---
@@ -191,14 +192,18 @@ class Task:
             grads.update(model.stat_deltas())
             if self.device.name != "cpu":
                 grads = {k: self.device.to_host(v) for k, v in grads.items()}
+            if self.slowdown > 1.0:
+                # Experiments only: this worker computes `slowdown` times slower
+                # (a straggler). The round trip is not scaled: it may hold time
+                # a policy made us wait, and slowed workers waiting on each other
+                # would compound step after step.
+                time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             base = list(client.versions)
             client.push_pull(grads, clock=None, norm=norm, out=host)
             # Replies carry the version they reflect: the updates that landed
             # between the pull this gradient came from and its own update.
             stale = max(0, max(after - before - 1 for before, after in zip(base, client.versions)))
             max_stale = max(max_stale, stale)
-            if self.slowdown > 1.0:  # experiments only: the whole step takes `slowdown` times as long
-                time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
             self._load(model, host)
             step = max(step + 1, max(client.clocks))
             examples += len(x)

@@ -2,8 +2,8 @@
 
 The same job (an MLP on sklearn:digits, three workers) runs once per
 policy, each time on a fresh local cluster whose last worker is slowed
-down by `--slowdown` (the worker's experiments-only option: each step
-takes that many times its compute time). Per policy it reports:
+down by `--slowdown` (the worker's experiments-only option: its compute
+in each step takes that many times as long). Per policy it reports:
 
 - time_to_target_s: seconds from the moment the job's parameters exist on
   the shards until the training loss (of the current parameters, on the

@@ -14,7 +14,7 @@ from worker.cli.common import announce_ready, scheduler_address
               help="numpy on the CPU, cupy on a GPU, or a GPU if one works.")
 @click.option("--worker-id", default=None, help="A stable id for this worker (default: host-pid-random).")
 @click.option("--slowdown", type=click.FloatRange(1.0, 1000.0), default=1.0, show_default=True,
-              help="Experiments only: make every step this many times slower (a straggler).")
+              help="Experiments only: a straggler, whose compute in each step takes this many times as long.")
 @click.option("--max-tasks", type=click.IntRange(1), default=None, help="Exit after this many assignments.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on this port.")
