@@ -184,7 +184,9 @@ class ParamClient:
             if not waiting:
                 break
             now = time.monotonic()
-            for k in self._follow_moves(waiting):  # restarted elsewhere: ask the new address now
+            # A moved shard answers nothing: look for moves only when a wait came back empty,
+            # never on the path of replies arriving.
+            for k in self._follow_moves(waiting) if not ready else ():  # restarted elsewhere: ask it there now
                 _send(self._sock(k), frames[k])
                 deadline[k] = now + self.timeout_s
             for k in waiting:
