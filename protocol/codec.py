@@ -217,7 +217,7 @@ def _decode_base(header: dict) -> tuple[int, str]:
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid <= MAX_RID:
         raise _bad(ErrorCode.BAD_FIELD, f"field 'rid' must be an int in [0, {MAX_RID}], found {rid!r:.40}")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise _bad(ErrorCode.BAD_VERSION,
                    f"protocol version {version!r:.20} is not spoken here (this side speaks {PROTOCOL_VERSION})", rid)
     op = header.get("op")

@@ -35,7 +35,7 @@ def parse_size(text: str | int) -> int:
 
 def check_endpoint(addr: str, what: str) -> str:
     """`addr` if it is a ZeroMQ endpoint we can use; ValueError naming `what` otherwise."""
-    if not _ENDPOINT_RE.match(addr or ""):
+    if not _ENDPOINT_RE.fullmatch(addr or ""):
         raise ValueError(f"{what} {addr!r} is not an address like tcp://127.0.0.1:5555")
     m = re.match(r"^tcp://.*:(\d+)$", addr)
     if m and not 0 <= int(m.group(1)) <= 65535:

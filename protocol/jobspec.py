@@ -62,6 +62,8 @@ _MISSING = object()
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], int]:
     def check(path: str, v: Any) -> int:
         bounds = _bounds_text(lo, hi)
+        if isinstance(v, float) and math.isfinite(v) and v == int(v):
+            v = int(v)  # 5e2 is how people write 500
         if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v > hi):
             raise SpecError(path, f"an integer{bounds}", v)
         return v
@@ -112,7 +114,7 @@ def _source(path: str, v: Any) -> str:
 
 
 def _name(path: str, v: Any) -> str:
-    if not isinstance(v, str) or not NAME_RE.match(v):
+    if not isinstance(v, str) or not NAME_RE.fullmatch(v):
         raise SpecError(path, "a name of letters, digits, '.', '_' or '-' (at most 64, starting alphanumeric)", v)
     return v
 
@@ -272,10 +274,25 @@ def validate_job(raw: Any) -> dict:
     return spec
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers: `1e-3` and `5e2` are floats.
+
+    PyYAML follows YAML 1.1, whose floats need a dot (`1.0e-3`), and reads
+    `lr: 1e-3` as the string "1e-3"; people write numbers the 1.2 way.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
 def parse_job_text(text: str, *, source: str = "job file") -> dict:
     """Parse YAML text and validate it; raises SpecError (YAML errors name the line)."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: no Python objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "the file"
@@ -296,3 +313,33 @@ def load_job_file(path: str) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), "a readable UTF-8 job file", type(exc).__name__) from None
     return parse_job_text(text, source=str(path))
+
+
+# Bytes per parameter: every tensor the servers hold is float32.
+PARAM_BYTES = 4
+# Classes every classifier has at least, for the size bound below.
+MIN_CLASSES = 2
+
+
+def min_param_bytes(spec: dict) -> int:
+    """A lower bound on the bytes of a normalized spec's model, from the spec alone.
+
+    The input size depends on the data, which the scheduler does not load:
+    the bound counts one input feature and two classes, so it never
+    refuses a model that would fit; a model whose hidden layers alone
+    are too large is refused at submit (the worker checks the exact size
+    before it allocates anything).
+    """
+    model = spec["model"]
+    bn = 4 if model["batchnorm"] else 0       # gamma, beta, running mean and variance
+    count, width = 0, 1
+    if model["kind"] == "cnn":
+        k2 = model["kernel"] ** 2
+        for channels in model["channels"]:
+            count += width * channels * k2 + channels + bn * channels
+            width = channels
+    for hidden in model["hidden"]:
+        count += width * hidden + hidden + bn * hidden
+        width = hidden
+    count += width * MIN_CLASSES + MIN_CLASSES
+    return count * PARAM_BYTES

@@ -108,12 +108,17 @@ class Push(Message):
     base_version: the shard version the gradient was computed from (-1 if
     unknown), for staleness. norm: the global L2 norm of the worker's whole
     gradient over all shards (-1 if not computed), for clipping.
+    parts: the data partitions this push is one step of (empty: the worker
+    itself is the member, as in a job without partitions). A push for k
+    partitions carries the mean of their k gradients and counts k times in
+    a BSP barrier (see protocol/assignment.py).
     """
 
     OP: ClassVar[str] = "push"
     HAS_PAYLOAD: ClassVar[bool] = True
     base_version: int = -1
     norm: float = -1.0
+    parts: list = field(default_factory=list, metadata={"items": int})
     slices: tuple = ()
 
 
@@ -127,21 +132,27 @@ class PushPull(Message):
     HAS_PAYLOAD: ClassVar[bool] = True
     base_version: int = -1
     norm: float = -1.0
+    parts: list = field(default_factory=list, metadata={"items": int})
     sids: list = field(default_factory=list, metadata={"items": int})
     slices: tuple = ()
 
 
 @dataclass(frozen=True, kw_only=True)
 class Membership(Message):
-    """The live workers of a job for a new epoch (scheduler to shards).
+    """The members of a job's clock table for a new epoch (scheduler to shards).
 
-    workers: worker id -> clock it starts at (-1: join at the next step
-    boundary the shard reaches). Epochs only grow; an older one is ignored.
+    workers: member key -> clock it starts at (-1: the policy's default).
+    A member is a data partition ("p0", "p1", ...: see
+    protocol/assignment.py) or, in a job without partitions, a worker id.
+    holders: partition key -> id of the worker that pushes for it now ("":
+    nobody yet; the partition still counts in every barrier). Keys absent
+    here are their own holders. Epochs only grow; an older one is ignored.
     """
 
     OP: ClassVar[str] = "membership"
     epoch: int = 0
     workers: dict = field(default_factory=dict, metadata={"values": int})
+    holders: dict = field(default_factory=dict, metadata={"values": str})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,10 +221,16 @@ class Assign(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Submit(Message):
-    """Submit a job. spec: the job file as a map (the scheduler validates it again)."""
+    """Submit a job. spec: the job file as a map (the scheduler validates it again).
+
+    submission_id: chosen by the submitter; a submit that repeats an id
+    the scheduler has seen returns that job instead of creating another
+    ("" = no id: every submit creates a job).
+    """
 
     OP: ClassVar[str] = "submit"
     spec: dict = field(default_factory=dict)
+    submission_id: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,10 +238,14 @@ class Report(Message):
     """A worker tells the scheduler something about its assignment.
 
     event: "plan" (the initialising worker sends its model's tensors and
-    gets the job's partition plan back), "initialized" (tables created),
-    "eval" (test metrics), "done" (partition finished its steps), "stopped"
-    (left when told to), "failed" (could not go on; state["error"] says
-    why). state: the facts.
+    the training set's size, and gets the job's partition plan back),
+    "initialized" (tables created), "eval" (test metrics), "done" (some of
+    its partitions finished their steps), "release" (it gives partitions
+    back at a step boundary, as the scheduler asked), "stopped" (left
+    when told to), "failed" (could not go on; state["error"] says why, and
+    state["fatal"] fails the job at once, e.g. a diverged loss), "final"
+    (the final evaluation). state: the facts; ps/sched/reports.py lists
+    each event's fields.
     """
 
     OP: ClassVar[str] = "report"

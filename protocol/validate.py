@@ -69,7 +69,7 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 def check_job_id(job: str, *, rid: int = 0) -> None:
     """`job` is a well-formed job id (raises BAD_FIELD otherwise)."""
-    if not JOB_ID_RE.match(job):
+    if not JOB_ID_RE.fullmatch(job):
         raise ProtocolError(ErrorCode.BAD_FIELD,
                             f"job id {job!r:.60} must be 1-128 letters, digits, '.', '_' or '-', "
                             "starting with a letter or digit", rid=rid)

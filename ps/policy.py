@@ -13,6 +13,19 @@ step t carries clock t and moves the worker to clock t+1. A pull carries the
 step the worker is about to compute; clock -1 is a plain read, answered at
 once under every policy, from anyone.
 
+Members: the clock table is keyed by member. In a job the scheduler runs,
+the members are the job's data partitions ("p0", "p1", ...), and the
+membership says which worker holds each one (`holders`): a worker pushes
+one step of several partitions at once (`keys`), carrying the mean of
+their gradients, and the push counts once per partition in a BSP barrier.
+A partition stays a member while it has steps left, held or not, so a
+barrier waits for a partition whose worker died until another worker
+pushes its step: no partition ever skips one. A push for a step every one
+of its partitions already completed here is a repeat (Duplicate): a
+worker that took over a partition from one that died mid-push sends the
+step again, and it is answered without being applied twice. Without
+`keys` the pushing worker is its own member (tests, benchmarks, tools).
+
 Membership: before the first membership (epoch 0, "open" mode) anyone may
 push and pull, and a worker enters the clock table at its first clocked push
 or pull. From the first membership on, only its workers are live; anyone
@@ -49,10 +62,12 @@ class Apply:
 
 @dataclass(frozen=True)
 class Accumulate:
-    """BSP: add this push's gradient into the sum of step `step`."""
+    """BSP: add this push's gradient, times `weight` (the partitions whose
+    mean it is), into the sum of step `step`."""
 
     push: object
     step: int
+    weight: int = 1
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,14 @@ class ApplyMean:
 
     step: int
     count: int
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """This push is a step every one of its partitions already completed
+    here: answer it as done, apply nothing."""
+
+    push: object
 
 
 @dataclass(frozen=True)
@@ -109,7 +132,9 @@ class Policy:
         self.version = 0        # ASP/SSP: pushes applied; BSP: barriers completed
         self.epoch = 0          # latest membership epoch; 0 = open mode
         self.clocks: dict[str, int] = {}
-        self.pending = 0        # BSP: pushes accumulated into the open step
+        self.holders: dict[str, str] = {}   # partition key -> worker holding it ("" none)
+        self._held: dict[str, frozenset] = {}  # worker -> the members it may push for
+        self.pending = 0        # BSP: partitions' pushes accumulated into the open step
         self._parked: dict[object, tuple[str, int]] = {}  # token -> (worker, clock), arrival order
 
     def __repr__(self) -> str:
@@ -133,15 +158,16 @@ class Policy:
             return start
         return min(stay.values(), default=min(before.values(), default=0))
 
-    def _check_push(self, worker: str, clock: int, push: object) -> Refuse | None:
+    def _check_push(self, worker: str, keys: tuple, clock: int, push: object) -> Refuse | None:
         return None
 
-    def _accept_push(self, worker: str, clock: int, push: object, base_version: int) -> list:
-        """ASP/SSP: apply at once; a clocked push moves the clock to t+1."""
+    def _accept_push(self, keys: tuple, clock: int, push: object, base_version: int) -> list:
+        """ASP/SSP: apply at once; a clocked push moves each member's clock to t+1."""
         staleness = max(0, self.version - base_version) if base_version >= 0 else 0
         self.version += 1
         if clock >= 0:
-            self.clocks[worker] = clock + 1
+            for key in keys:
+                self.clocks[key] = clock + 1
         return [Apply(push, staleness)]
 
     def _barrier(self) -> list:
@@ -149,22 +175,34 @@ class Policy:
 
     # --- events ---
 
-    def on_push(self, worker: str, clock: int, push: object, *, base_version: int = -1) -> list:
-        """A gradient for step `clock` (-1: unclocked) from `worker`."""
-        if self.epoch > 0 and worker not in self.clocks:
-            return [self._not_member(push, worker)]
+    def on_push(self, worker: str, clock: int, push: object, *, base_version: int = -1,
+                keys: tuple | list = ()) -> list:
+        """A gradient for step `clock` (-1: unclocked) from `worker`, one step
+        of each member in `keys` (empty: of `worker` itself)."""
+        keys = tuple(keys) or (worker,)
+        if len(set(keys)) != len(keys):
+            return [Refuse(push, ErrorCode.BAD_FIELD, "a push names one of its partitions twice")]
+        if self.epoch > 0:
+            for key in keys:
+                if key not in self.clocks or self.holders.get(key, key) != worker or not worker:
+                    return [self._not_member(push, worker, key)]
         if clock < -1:
             return [Refuse(push, ErrorCode.BAD_CLOCK,
                            f"clock {clock} is not a step: expected -1 or a clock >= 0")]
-        known = self.clocks.get(worker)
-        if clock >= 0 and known is not None and clock < known:
-            return [Refuse(push, ErrorCode.BAD_CLOCK,
-                           f"worker {worker!r} pushed step {clock} but has completed {known} steps "
-                           f"already: expected {self._expected(worker)}")]
-        refusal = self._check_push(worker, clock, push)
+        if clock >= 0:
+            behind = [k for k in keys if self.clocks.get(k) is not None and clock < self.clocks[k]]
+            if behind and len(behind) == len(keys) and all(k in self.holders for k in keys):
+                return [Duplicate(push)]
+            if behind:
+                key = behind[0]
+                who = f"worker {worker!r}" if key == worker else f"partition {key!r}"
+                return [Refuse(push, ErrorCode.BAD_CLOCK,
+                               f"{who} pushed step {clock} but has completed {self.clocks[key]} steps "
+                               f"already: expected {self._expected(key)}")]
+        refusal = self._check_push(worker, keys, clock, push)
         if refusal is not None:
             return [refusal]
-        return self._accept_push(worker, clock, push, base_version) + self._barrier() + self._release()
+        return self._accept_push(keys, clock, push, base_version) + self._barrier() + self._release()
 
     def on_pull(self, worker: str, clock: int, pull: object) -> list:
         """A request for the parameters to compute step `clock` (-1: a plain read)."""
@@ -173,35 +211,54 @@ class Policy:
         if clock < -1:
             return [Refuse(pull, ErrorCode.BAD_CLOCK,
                            f"clock {clock} is not a step: expected -1 or a clock >= 0")]
-        if worker not in self.clocks:
-            if self.epoch > 0:
+        if self.epoch > 0:
+            if worker not in self._held:
                 return [self._not_member(pull, worker)]
+        elif worker not in self.clocks:
             # Entering can only lower the slowest clock: nothing parked can go.
             self.clocks[worker] = self._entry_clock(clock)
         horizon = self._horizon()
         if horizon is None or clock <= horizon:
             return [Answer(pull)]
+        behind = self._self_blocked(worker, clock)
+        if behind is not None:
+            return [behind(pull)]
         self._parked[pull] = (worker, clock)
         return [Park(pull)]
 
-    def on_membership(self, epoch: int, workers: Mapping[str, int]) -> list:
-        """The live workers of a new epoch, each with its start clock (-1:
-        the policy's default). An epoch not newer than the current one is
-        ignored. Parked pulls of workers that left are refused; barriers and
-        parked pulls are re-evaluated against the new live set at once."""
+    def on_membership(self, epoch: int, workers: Mapping[str, int], holders: Mapping[str, str] | None = None) -> list:
+        """The members of a new epoch, each with its start clock (-1: the
+        policy's default), and who holds each partition member. An epoch not
+        newer than the current one is ignored. Parked pulls of workers that
+        hold nothing now are refused (NOT_MEMBER), and so are those of workers
+        that were given a partition behind the step they wait for (REASSIGNED:
+        the barrier would wait for a step only they can push now); barriers
+        and parked pulls are re-evaluated against the new members at once."""
         if epoch <= self.epoch:
             return []
         before = self.clocks
         stay = {w: c for w, c in before.items() if w in workers}
         self.clocks = {w: stay[w] if w in stay else self._start_clock(int(start), stay, before)
                        for w, start in workers.items()}
+        self.holders = {k: str(h) for k, h in (holders or {}).items() if k in self.clocks}
+        held: dict[str, set] = {}
+        for key in self.clocks:
+            holder = self.holders.get(key, key)
+            if holder:
+                held.setdefault(holder, set()).add(key)
+        self._held = {w: frozenset(ks) for w, ks in held.items()}
         self.epoch = epoch
         actions: list = []
-        for token, (worker, _) in list(self._parked.items()):
-            if worker not in self.clocks:
+        for token, (worker, clock) in list(self._parked.items()):
+            if worker not in self._held:
                 del self._parked[token]
                 actions.append(Refuse(token, ErrorCode.NOT_MEMBER,
                                       f"worker {worker!r} left the job in membership epoch {epoch}"))
+                continue
+            behind = self._self_blocked(worker, clock)
+            if behind is not None:
+                del self._parked[token]
+                actions.append(behind(token))
         return actions + self._barrier() + self._release()
 
     def forget(self, pull: object) -> None:
@@ -218,11 +275,33 @@ class Policy:
         """The slowest live clock (None when no worker is live)."""
         return min(self.clocks.values(), default=None)
 
+    def _self_blocked(self, worker: str, clock: int):
+        """A refusal maker when a pull at `clock` would wait for a step only `worker` itself can push.
+
+        A worker given a partition that is behind (its previous holder died
+        before pushing the open step) must push that step first: holding
+        its pull would wait on itself for good. It is told REASSIGNED, asks
+        the scheduler which partitions it holds, and pushes the missing step.
+        """
+        keys = [k for k in self._held.get(worker, ()) if k in self.holders]
+        late = [k for k in keys if self.clocks[k] < clock - self.staleness]
+        if not late:
+            return None
+        key = min(late, key=lambda k: self.clocks[k])
+        message = (f"worker {worker!r} holds {key!r}, which has completed {self.clocks[key]} steps: it must push "
+                   f"step {self.clocks[key]} before it can read step {clock} (membership epoch {self.epoch}); "
+                   "ask the scheduler for its partitions")
+        return lambda token: Refuse(token, ErrorCode.REASSIGNED, message)
+
+    def held_by(self, worker: str) -> frozenset:
+        """The members `worker` may push for in the current epoch."""
+        return self._held.get(worker, frozenset())
+
     def state(self) -> dict:
         """Everything but the parked pulls, msgpack-able, for checkpoints."""
         return {"name": self.name, "staleness": self.staleness, "version": self.version,
-                "epoch": self.epoch, "clocks": dict(self.clocks), "open": self.epoch == 0,
-                "pending": self.pending}
+                "epoch": self.epoch, "clocks": dict(self.clocks), "holders": dict(self.holders),
+                "open": self.epoch == 0, "pending": self.pending}
 
     @classmethod
     def from_state(cls, state: Mapping) -> Policy:
@@ -238,6 +317,13 @@ class Policy:
             policy.version = int(state["version"])
             policy.epoch = int(state["epoch"])
             policy.clocks = {str(w): int(c) for w, c in state["clocks"].items()}
+            policy.holders = {str(k): str(h) for k, h in state.get("holders", {}).items() if k in policy.clocks}
+            held: dict[str, set] = {}
+            for key in policy.clocks:
+                holder = policy.holders.get(key, key)
+                if holder:
+                    held.setdefault(holder, set()).add(key)
+            policy._held = {w: frozenset(ks) for w, ks in held.items()}
             policy.pending = int(state.get("pending", 0))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"policy state: cannot read it ({type(exc).__name__}: {exc})") from None
@@ -254,11 +340,14 @@ class Policy:
             del self._parked[token]
         return [Release(ready)] if ready else []
 
-    def _expected(self, worker: str) -> str:
-        known = self.clocks.get(worker)
+    def _expected(self, key: str) -> str:
+        known = self.clocks.get(key)
         return "a clock >= 0" if known is None else f"a clock >= {known}"
 
-    def _not_member(self, request: object, worker: str) -> Refuse:
+    def _not_member(self, request: object, worker: str, key: str | None = None) -> Refuse:
+        if key is not None and key != worker:
+            return Refuse(request, ErrorCode.NOT_MEMBER,
+                          f"worker {worker!r} does not hold {key!r} in membership epoch {self.epoch}")
         return Refuse(request, ErrorCode.NOT_MEMBER,
                       f"worker {worker!r} is not a member of the job in membership epoch {self.epoch}")
 
@@ -285,11 +374,11 @@ class SSP(Policy):
         slowest = self.min_clock()
         return None if slowest is None else slowest + self.staleness
 
-    def _check_push(self, worker: str, clock: int, push: object) -> Refuse | None:
+    def _check_push(self, worker: str, keys: tuple, clock: int, push: object) -> Refuse | None:
         if clock == -1:
             return Refuse(push, ErrorCode.BAD_CLOCK,
                           f"ssp needs the step of every push; worker {worker!r} sent clock -1: "
-                          f"expected {self._expected(worker)}")
+                          f"expected {self._expected(keys[0])}")
         return None
 
 
@@ -312,25 +401,26 @@ class BSP(Policy):
     def _start_clock(self, start: int, stay: Mapping[str, int], before: Mapping[str, int]) -> int:
         return self.version
 
-    def _expected(self, worker: str) -> str:
-        if self.clocks.get(worker, self.version) > self.version:
+    def _expected(self, key: str) -> str:
+        if self.clocks.get(key, self.version) > self.version:
             return f"clock {self.version + 1} once step {self.version} completes"
         return f"clock {self.version}"
 
-    def _check_push(self, worker: str, clock: int, push: object) -> Refuse | None:
+    def _check_push(self, worker: str, keys: tuple, clock: int, push: object) -> Refuse | None:
         if clock != self.version:
             return Refuse(push, ErrorCode.BAD_CLOCK,
                           f"bsp is at step {self.version}; worker {worker!r} pushed "
                           f"{'no step (clock -1)' if clock == -1 else f'step {clock}'}: "
-                          f"expected {self._expected(worker)}")
+                          f"expected {self._expected(keys[0])}")
         return None
 
-    def _accept_push(self, worker: str, clock: int, push: object, base_version: int) -> list:
-        # Past _check_push and the stale check, clock == version and the
-        # worker's own clock (if known) is version too.
-        self.clocks[worker] = clock + 1
-        self.pending += 1
-        return [Accumulate(push, clock)]
+    def _accept_push(self, keys: tuple, clock: int, push: object, base_version: int) -> list:
+        # Past _check_push and the stale check, clock == version and each
+        # member's own clock (if known) is version too.
+        for key in keys:
+            self.clocks[key] = clock + 1
+        self.pending += len(keys)
+        return [Accumulate(push, clock, len(keys))]
 
     def _barrier(self) -> list:
         # An empty live set with pushes pending applies them too: an

@@ -1,48 +1,54 @@
-"""The scheduler's durable job registry: sqlite3 in WAL mode under --state-dir.
+"""The scheduler's durable job store: sqlite3 in WAL mode under --state-dir.
 
 A submission is committed (and fsync'd: synchronous=FULL) before the
 scheduler acknowledges it, so an acknowledged job survives kill -9 of the
-scheduler. Everything else the scheduler knows (live workers, shards,
-assignments) is rebuilt from heartbeats after a restart.
+scheduler. The store only reads and writes rows: what a job means lives in
+the scheduler's state machine (ps/sched/), which gets every row at start
+(`load`) and sends back what to write (`insert`, `update`). Everything
+else the scheduler knows (live workers, shards, who holds which partition)
+is rebuilt from registrations and heartbeats after a restart.
 """
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
-import time
 from pathlib import Path
 
-# Job states. A job moves queued -> running -> (succeeded | failed | cancelled);
-# a scheduler restart puts running jobs back to queued (they resume).
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+from protocol.errors import ProtocolError
+from protocol.jobspec import validate_job
+from protocol.plan import Plan
+from ps.sched.jobs import QUEUED, RUNNING, STATE_RANK, JobRecord
+
+log = logging.getLogger("pscluster.scheduler")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    id         TEXT PRIMARY KEY,
-    seq        INTEGER NOT NULL UNIQUE,
-    name       TEXT NOT NULL,
-    state      TEXT NOT NULL,
-    spec       TEXT NOT NULL,
-    tensors    TEXT NOT NULL,
-    nonlearned TEXT NOT NULL,
-    submitted  REAL NOT NULL,
-    started    REAL,
-    finished   REAL,
-    plan       TEXT,
-    shards     TEXT,
-    progress   TEXT NOT NULL DEFAULT '{}',
-    result     TEXT NOT NULL DEFAULT '{}',
-    error      TEXT NOT NULL DEFAULT ''
+    id            TEXT PRIMARY KEY,
+    seq           INTEGER NOT NULL UNIQUE,
+    name          TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    spec          TEXT NOT NULL,
+    tensors       TEXT NOT NULL,
+    nonlearned    TEXT NOT NULL,
+    submitted     REAL NOT NULL,
+    started       REAL,
+    finished      REAL,
+    plan          TEXT,
+    shards        TEXT,
+    progress      TEXT NOT NULL DEFAULT '{}',
+    result        TEXT NOT NULL DEFAULT '{}',
+    error         TEXT NOT NULL DEFAULT '',
+    submission_id TEXT NOT NULL DEFAULT ''
 )
 """
-
 _META_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
-
 _JSON_COLUMNS = ("spec", "tensors", "nonlearned", "plan", "shards", "progress", "result")
+_COLUMNS = ("id", "seq", "name", "state", "spec", "tensors", "nonlearned", "submitted", "started", "finished",
+            "plan", "shards", "progress", "result", "error", "submission_id")
 
 
-class Registry:
+class JobStore:
     """Jobs on disk. Single-threaded use (the scheduler's loop)."""
 
     def __init__(self, state_dir: str | Path):
@@ -55,17 +61,12 @@ class Registry:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute(_SCHEMA)
         self.db.execute(_META_SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        if "submission_id" not in columns:  # a store from before idempotent submits
+            self.db.execute("ALTER TABLE jobs ADD COLUMN submission_id TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         self.db.close()
-
-    def _row(self, row: sqlite3.Row | None) -> dict | None:
-        if row is None:
-            return None
-        job = dict(row)
-        for col in _JSON_COLUMNS:
-            job[col] = json.loads(job[col]) if job[col] is not None else None
-        return job
 
     def next_incarnation(self) -> int:
         """Count scheduler starts on this state dir (1, 2, ...), durably."""
@@ -76,46 +77,64 @@ class Registry:
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('incarnation', ?)", (value,))
         return value
 
-    def submit(self, spec: dict, tensors: list, nonlearned: list) -> str:
-        """Store a new queued job; returns its id once it is committed to disk."""
+    def load(self) -> list[JobRecord]:
+        """Every job, oldest first; jobs a previous scheduler left running come back queued.
+
+        A row that cannot be read (bad JSON, a wrong type, an unknown state)
+        is skipped with a log line: one bad row must not hide the others.
+        """
+        records = []
+        for row in self.db.execute("SELECT * FROM jobs ORDER BY seq"):
+            try:
+                record = _record(row)
+            except (ValueError, TypeError, KeyError, ProtocolError) as exc:
+                log.error("job store row skipped: it cannot be read",
+                          extra={"job": str(row["id"])[:80], "why": f"{type(exc).__name__}: {exc}"[:200]})
+                continue
+            if record.state == RUNNING:
+                record.state = QUEUED
+                self.update(record.id, {"state": QUEUED})
+                log.info("job left running by a previous scheduler is queued again", extra={"job": record.id})
+            records.append(record)
+        return records
+
+    def insert(self, row: dict) -> None:
+        """Store a new job; returns once it is committed to disk."""
+        values = [json.dumps(row[c]) if c in _JSON_COLUMNS else row[c] for c in _COLUMNS]
         with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            job_id = f"{spec['name']}-{seq}"
-            self.db.execute(
-                "INSERT INTO jobs (id, seq, name, state, spec, tensors, nonlearned, submitted) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, seq, spec["name"], QUEUED, json.dumps(spec), json.dumps(tensors),
-                 json.dumps(nonlearned), time.time()))
-        return job_id
+            self.db.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                            values)
 
-    def get(self, job_id: str) -> dict | None:
-        return self._row(self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-
-    def all(self) -> list[dict]:
-        """Every job, newest first."""
-        return [self._row(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY seq DESC")]
-
-    def in_state(self, *states: str) -> list[dict]:
-        """Jobs in any of `states`, oldest first (the scheduling order)."""
-        marks = ",".join("?" * len(states))
-        return [self._row(r) for r in self.db.execute(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq",
-                                                      states)]
-
-    def update(self, job_id: str, **fields) -> None:
+    def update(self, job_id: str, fields: dict) -> None:
         """Set columns of one job (JSON columns take Python values)."""
+        fields = {k: v for k, v in fields.items() if k in _COLUMNS and k != "id"}
         if not fields:
             return
-        cols, values = [], []
-        for key, value in fields.items():
-            cols.append(f"{key} = ?")
-            values.append(json.dumps(value) if key in _JSON_COLUMNS else value)
+        cols = [f"{key} = ?" for key in fields]
+        values = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()]
         with self.db:
             self.db.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ?", (*values, job_id))
 
-    def requeue_running(self) -> list[str]:
-        """After a restart: jobs left running go back to queued (their progress is kept)."""
-        ids = [r["id"] for r in self.db.execute("SELECT id FROM jobs WHERE state = ?", (RUNNING,))]
-        with self.db:
-            self.db.execute("UPDATE jobs SET state = ? WHERE state = ?", (QUEUED, RUNNING))
-        return ids
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    data = dict(row)
+    for col in _JSON_COLUMNS:
+        data[col] = json.loads(data[col]) if data[col] is not None else None
+    record = JobRecord(
+        id=str(data["id"]), seq=int(data["seq"]), name=str(data["name"]), state=str(data["state"]),
+        spec=data["spec"], submitted=float(data["submitted"]),
+        started=None if data["started"] is None else float(data["started"]),
+        finished=None if data["finished"] is None else float(data["finished"]),
+        plan=data["plan"], shards=data["shards"] or [], tensors=data["tensors"] or [],
+        nonlearned=data["nonlearned"] or [], progress=data["progress"] or {}, result=data["result"] or {},
+        error=str(data["error"] or ""), submission_id=str(data["submission_id"] or ""))
+    if record.state not in STATE_RANK:
+        raise ValueError(f"unknown state {record.state!r}")
+    for name, kind in (("spec", dict), ("shards", list), ("tensors", list), ("nonlearned", list),
+                       ("progress", dict), ("result", dict)):
+        if not isinstance(getattr(record, name), kind):
+            raise TypeError(f"{name} must be a {kind.__name__}")
+    if record.plan is not None:
+        Plan.from_wire(record.plan)
+    record.spec = validate_job(record.spec)
+    return record

@@ -57,6 +57,7 @@ class RouterDaemon:
     def handle(self, envelope: list, frames: list) -> None:
         """Decode, validate and answer one message; never raises."""
         self.metrics.inc("bytes_received_total", sizes(frames))
+        msg = None
         try:
             msg = decode(frames, max_message_bytes=self.max_message_bytes)
             handler = self.ops.get(msg.OP)
@@ -68,7 +69,9 @@ class RouterDaemon:
             self._reject(envelope, exc)
         except Exception as exc:  # a bug must not take the daemon down with it
             self.log.exception("internal error")
-            self._reject(envelope, ProtocolError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
+            rid = msg.rid if msg is not None else 0  # so the client matches the answer to its request
+            self._reject(envelope, ProtocolError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}",
+                                                 rid=rid))
 
     def _reject(self, envelope: list, exc: ProtocolError, job: str = "") -> None:
         """Answer with an `error` reply and count it by code."""

@@ -24,12 +24,14 @@ from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Heartbeat, Message, Ok, PushPull, Register
 from protocol.metrics import Registry
+from protocol.jobspec import MAX_WORKERS
+from protocol.partitions import partition_key
 from protocol.plan import Plan
 from protocol.validate import check_job_id, check_payload, check_sids
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps import checkpoint
 from ps.optim import make_optimizer
-from ps.policy import Accumulate, Answer, Apply, ApplyMean, Park, Policy, Refuse, Release, make_policy
+from ps.policy import Accumulate, Answer, Apply, ApplyMean, Duplicate, Park, Policy, Refuse, Release, make_policy
 from ps.router import MAX_BATCH_MSGS, RouterDaemon
 from ps.table import JobTable
 from ps.transport import bind_router
@@ -66,7 +68,7 @@ class Shard(RouterDaemon):
         self.metrics = registry or Registry()
         self.now = clock
         self.tables: dict[str, JobTable] = {}
-        self.pending_membership: dict[str, tuple[int, dict]] = {}
+        self.pending_membership: dict[str, tuple[int, dict, dict]] = {}
         self.parked: dict[tuple, tuple] = {}      # token -> (envelope, msg, sids)
         self.last_reply: dict[tuple, tuple] = {}  # (job, worker) -> (rid, frames or None)
         self.stopping = False
@@ -80,6 +82,7 @@ class Shard(RouterDaemon):
             "checkpoint": self.on_checkpoint, "drop": self.on_drop, "shutdown": self.on_shutdown,
         }
         self._staleness_hists: dict = {}  # job -> its staleness histogram
+        self._repeats: set = set()         # push tokens a policy answered as Duplicate
         self._parked_gauge = 0
         self._describe_metrics()
         self.metrics.set("parked_pulls", 0)
@@ -221,12 +224,17 @@ class Shard(RouterDaemon):
         if isinstance(msg, PushPull):
             check_sids(msg.sids, table.held, rid=msg.rid, job=msg.job)
         push_token = (msg.job, "push", msg.worker, msg.rid)
+        if len(msg.parts) > MAX_WORKERS or any(p < 0 for p in msg.parts):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"parts must be at most {MAX_WORKERS} partition indices >= 0",
+                                rid=msg.rid)
+        keys = [partition_key(p) for p in msg.parts] if msg.parts else ()
         refused = self._run(table, table.policy.on_push(msg.worker, msg.clock, push_token,
-                                                        base_version=msg.base_version),
+                                                        base_version=msg.base_version, keys=keys),
                             {push_token: (envelope, msg, ())})
         if push_token in refused:
             return
-        self.metrics.inc("pushes_total")
+        self.metrics.inc("duplicates_total" if push_token in self._repeats else "pushes_total")
+        self._repeats.discard(push_token)
         if not isinstance(msg, PushPull):
             frames = encode(Ok(rid=msg.rid, job=msg.job, body=self._body(table, msg.worker)))
             if msg.worker:
@@ -254,7 +262,12 @@ class Shard(RouterDaemon):
             self._answer(table, envelope, msg, msg.sids)
 
     def _body(self, table: JobTable, worker: str) -> dict:
-        return {"version": table.version, "clock": table.policy.clocks.get(worker, -1)}
+        policy = table.policy
+        body = {"version": table.version, "clock": policy.clocks.get(worker, -1)}
+        held = policy.held_by(worker)
+        if held and worker not in held:  # a worker holding partitions: where each stands here
+            body["held"] = {key: policy.clocks[key] for key in held}
+        return body
 
     def _answer(self, table: JobTable, envelope: list, msg, sids) -> None:
         slices = table.read(sids)
@@ -280,7 +293,10 @@ class Shard(RouterDaemon):
                 hist.observe(action.staleness)
             elif isinstance(action, Accumulate):
                 _env, msg, _ = requests[action.push]
-                table.accumulate(action.step, msg.slices, grad_scale=table.optimizer.clip_scale(msg.norm))
+                table.accumulate(action.step, msg.slices, grad_scale=table.optimizer.clip_scale(msg.norm),
+                                 weight=action.weight)
+            elif isinstance(action, Duplicate):
+                self._repeats.add(action.push)  # answered as done; nothing applied
             elif isinstance(action, ApplyMean):
                 table.apply_mean(action.step, action.count)
             elif isinstance(action, Answer):
@@ -313,10 +329,10 @@ class Shard(RouterDaemon):
             check_job_id(msg.job, rid=msg.rid)
             held = self.pending_membership.get(msg.job)
             if held is None or held[0] < msg.epoch:
-                self.pending_membership[msg.job] = (msg.epoch, dict(msg.workers))
+                self.pending_membership[msg.job] = (msg.epoch, dict(msg.workers), dict(msg.holders))
             self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"epoch": msg.epoch, "pending": True})))
             return
-        self._run(table, table.policy.on_membership(msg.epoch, dict(msg.workers)), {})
+        self._run(table, table.policy.on_membership(msg.epoch, dict(msg.workers), dict(msg.holders)), {})
         log.info("membership", extra={"job": msg.job, "epoch": table.policy.epoch, "workers": len(msg.workers)})
         self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"epoch": table.policy.epoch,
                                                                       "version": table.version})))

@@ -51,7 +51,11 @@ class ShardLinks:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1000)
-            sock.connect(addr)
+            try:
+                sock.connect(addr)
+            except zmq.ZMQError:
+                sock.close(0)
+                raise
             self.socks[addr] = sock
         return sock
 
@@ -67,6 +71,8 @@ class ShardLinks:
             self._sock(addr).send_multipart(frames, zmq.DONTWAIT, copy=False)
         except zmq.Again:
             pass  # the shard is not reading; tick() re-sends
+        except zmq.ZMQError as exc:  # an address ZeroMQ cannot use: the request goes unanswered
+            log.warning("cannot reach a shard", extra={"addr": addr, "why": exc.strerror})
 
     def poll_sockets(self) -> list[zmq.Socket]:
         return list(self.socks.values())

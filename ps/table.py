@@ -97,13 +97,16 @@ class JobTable:
                 param += grad  # running statistics travel as deltas
         self.pushes += 1
 
-    def accumulate(self, step: int, slices: Iterable[SliceData], *, grad_scale: float = 1.0) -> None:
-        """Add one push's gradient into step's sum (BSP)."""
+    def accumulate(self, step: int, slices: Iterable[SliceData], *, grad_scale: float = 1.0,
+                   weight: int = 1) -> None:
+        """Add one push's gradient into step's sum (BSP), times `weight`: a
+        push for k partitions carries their mean and counts k times."""
         sums = self._sums.setdefault(step, {})
         for sl in slices:
             grad = sl.data.reshape(-1)
-            if sl.sid in self.learned and grad_scale != 1.0:
-                grad = grad * np.float32(grad_scale)
+            scale = (grad_scale if sl.sid in self.learned else 1.0) * weight
+            if scale != 1.0:
+                grad = grad * np.float32(scale)
             buf = sums.get(sl.sid)
             if buf is None:
                 spare = self._spare.get(sl.sid)

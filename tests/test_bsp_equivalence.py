@@ -149,8 +149,8 @@ def train_reference(spec_small: dict, n: int) -> dict:
         pairs = [b.batch(t) for b in per_worker]
         return np.concatenate([x for x, _ in pairs]), np.concatenate([y for _, y in pairs])
 
-    optimizer = make_optimizer(spec["optimizer"])
-    trainer = LocalTrainer(spec, update=lambda arrays, nonlearned: Updater(optimizer, arrays, nonlearned=nonlearned),
+    trainer = LocalTrainer(spec, update=lambda arrays, nonlearned, optimizer: Updater(make_optimizer(optimizer), arrays,
+                                                                                     nonlearned=nonlearned),
                            batches=big_batch)
     result = trainer.run()
     assert result.steps == STEPS

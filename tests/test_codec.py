@@ -37,6 +37,8 @@ def sample(cls):
             kwargs[f.name] = ["a", "b"]
         elif f.metadata.get("values") is int:
             kwargs[f.name] = {"w1": 0, "w2": -1}
+        elif f.metadata.get("values") is str:
+            kwargs[f.name] = {"p0": "w1", "p1": ""}
         else:
             kwargs[f.name] = SAMPLE_VALUES[f.type]
     return cls(**kwargs)

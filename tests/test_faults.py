@@ -32,21 +32,27 @@ def test_killed_worker_is_replaced_and_the_job_still_succeeds(procs, tmp_path):
     workers = [procs.start("worker", "--scheduler", addr, *SLOW) for _ in range(3)]
     spec = job_file(tmp_path, workers=2, steps=STEPS, target_accuracy=None)
     job = psctl_json("submit", spec, "--scheduler", addr)["job"]
-    wait_until(lambda: (status(addr, job).get("progress") or {}).get("step", 0) >= 30, what="training under way")
+    wait_until(lambda: (status(addr, job).get("progress") or {}).get("steps_done", 0) >= 60, what="training under way")
     before = status(addr, job)
-    busy = {p["worker"] for p in before["partitions"] if p["worker"]}
+    busy = {p["holder"] for p in before["partitions"] if p["holder"]}
     assert before["state"] == "running" and len(busy) == 2, before["state"]
     victim = next(w for w in workers if w.ready["worker"] in busy)
     spare = next(w for w in workers if w.ready["worker"] not in busy)
     victim.signal(signal.SIGKILL)
     victim.wait(timeout=10)
-    assert status(addr, job)["progress"]["step"] < STEPS, "the job ended before the worker died: nothing was tested"
-    wait_until(lambda: spare.ready["worker"] in {p["worker"] for p in status(addr, job)["partitions"]},
+    assert status(addr, job)["progress"]["steps_done"] < 2 * STEPS, "the job ended before the worker died: nothing was tested"
+    wait_until(lambda: spare.ready["worker"] in {p["holder"] for p in status(addr, job)["partitions"]},
                what="the spare worker took over the dead worker's partition")
     wait_until(lambda: status(addr, job)["state"] == "succeeded", what="job succeeded after a worker died")
     final = status(addr, job)
     assert final["result"]["test_accuracy"] >= 0.9
-    assert final["result"]["steps"] == STEPS
+    assert final["result"]["steps_done"] == 2 * STEPS
+    # Each partition did every step, and the dead worker's one was finished by the spare.
+    assert [p["steps_done"] for p in final["result"]["partitions"]] == [STEPS, STEPS]
+    taken = [p for p in final["result"]["partitions"]
+             if victim.ready["worker"] in {h["worker"] for h in p["holders"] if h["last"] > h["first"]}]
+    assert len(taken) == 1 and taken[0]["holders"][-1]["worker"] == spare.ready["worker"]
+    assert taken[0]["holders"][-1]["last"] == STEPS and taken[0]["examples"] == STEPS * 32
 
 
 @pytest.mark.parametrize("policy", ["asp", "bsp"])
@@ -60,11 +66,11 @@ def test_killed_shard_restarted_elsewhere_is_followed_and_the_job_succeeds(procs
     spec = job_file(tmp_path, workers=2, steps=STEPS, target_accuracy=None, checkpoint_every=20,
                     consistency={"policy": policy})
     job = psctl_json("submit", spec, "--scheduler", addr)["job"]
-    wait_until(lambda: (status(addr, job).get("progress") or {}).get("step", 0) >= 30, what="training under way")
+    wait_until(lambda: (status(addr, job).get("progress") or {}).get("steps_done", 0) >= 60, what="training under way")
     first.signal(signal.SIGKILL)
     first.wait(timeout=10)
     before = status(addr, job)
-    assert before["state"] == "running" and before["progress"]["max_step"] < STEPS, "nothing left to recover"
+    assert before["state"] == "running" and before["progress"]["steps_done"] < 2 * STEPS, "nothing left to recover"
     # The same shard id from its checkpoints, on another port (as a rescheduled pod gets another address).
     second = procs.server(0, "--scheduler", addr, "--checkpoint-dir", ckpt)
     assert second.ready["addr"] != first.ready["addr"]
@@ -72,7 +78,7 @@ def test_killed_shard_restarted_elsewhere_is_followed_and_the_job_succeeds(procs
     final = status(addr, job)
     assert final["state"] == "succeeded", final["result"]
     assert final["shards"] == [second.ready["addr"]]
-    assert final["result"]["steps"] == STEPS and final["result"]["test_accuracy"] >= 0.9
+    assert final["result"]["steps_done"] == 2 * STEPS and final["result"]["test_accuracy"] >= 0.9
 
 
 def test_restarted_shard_restores_its_latest_checkpoint(procs, tmp_path):
@@ -106,12 +112,13 @@ def test_scheduler_killed_mid_job_comes_back_and_the_job_finishes(procs, tmp_pat
     for _ in range(2):
         procs.start("worker", "--scheduler", bind, *SLOW)
     job = psctl_json("submit", job_file(tmp_path, workers=2, steps=STEPS), "--scheduler", bind)["job"]
-    wait_until(lambda: (status(bind, job).get("progress") or {}).get("step", 0) >= 30, what="training under way")
+    wait_until(lambda: (status(bind, job).get("progress") or {}).get("steps_done", 0) >= 60, what="training under way")
     before = status(bind, job)
     first.signal(signal.SIGKILL)
     first.wait(timeout=10)
-    assert before["state"] == "running" and before["progress"]["max_step"] < STEPS, "nothing left to recover"
+    assert before["state"] == "running" and before["progress"]["steps_done"] < 2 * STEPS, "nothing left to recover"
     procs.start("scheduler", "--bind", bind, "--state-dir", state, "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
     wait_until(lambda: status(bind, job)["state"] == "succeeded", what="job finished under the new scheduler")
     result = status(bind, job)["result"]
-    assert result["test_accuracy"] >= 0.9 and result["steps"] == STEPS
+    assert result["test_accuracy"] >= 0.9 and result["steps_done"] == 2 * STEPS
+    assert [p["steps_done"] for p in result["partitions"]] == [STEPS, STEPS]

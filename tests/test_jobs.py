@@ -106,8 +106,13 @@ def test_lifecycle_submit_run_succeed_export(procs, tmp_path):
     summary = psctl_json("submit", path, "--scheduler", addr, "--wait")
     assert summary["status"] == "succeeded", summary
     assert summary["test_accuracy"] >= 0.9
-    for key in ("job", "test_accuracy", "final_loss", "steps", "wall_s", "examples_per_s"):
+    for key in ("job", "test_accuracy", "final_loss", "steps_done", "steps_asked", "examples", "train_s", "wall_s",
+                "examples_per_s"):
         assert summary[key] is not None, key
+    assert summary["steps_done"] == summary["steps_asked"] == 2 * 150
+    assert summary["examples"] == 2 * 150 * 32 and 0 < summary["train_s"] <= summary["wall_s"]
+    assert summary["examples_per_s"] == pytest.approx(summary["examples"] / summary["train_s"])
+    assert [p["steps_done"] for p in summary["partitions"]] == [150, 150]
     listed = psctl_json("list", "--scheduler", addr)["jobs"]
     assert [j["id"] for j in listed] == [summary["job"]] and listed[0]["state"] == "succeeded"
     out = tmp_path / "params.npz"
@@ -151,14 +156,14 @@ def test_cancel_stops_a_running_job_and_frees_its_worker(procs, tmp_path):
     addr = start_cluster(procs, tmp_path, workers=1)
     long_job = job_file(tmp_path, "long.yaml", name="long", workers=1, steps=1_000_000)
     job = psctl_json("submit", long_job, "--scheduler", addr)["job"]
-    wait_until(lambda: (status(addr, job).get("progress") or {}).get("step", 0) > 5, what="long job training")
+    wait_until(lambda: (status(addr, job).get("progress") or {}).get("steps_done", 0) > 5, what="long job training")
     result = run_psctl("cancel", job, "--scheduler", addr)
     assert result.returncode == 0 and "cancelled" in result.stdout
     short = job_file(tmp_path, "short.yaml", name="short", workers=1, steps=50)
     summary = psctl_json("submit", short, "--scheduler", addr, "--wait")
     assert summary["status"] == "succeeded"
     cancelled = status(addr, job)
-    assert cancelled["state"] == "cancelled" and cancelled["result"]["steps"] < 1_000_000
+    assert cancelled["state"] == "cancelled" and 5 < cancelled["result"]["steps_done"] < 1_000_000
     again = run_psctl("cancel", job, "--scheduler", addr)
     assert again.returncode != 0 and "already cancelled" in again.stderr and "Traceback" not in again.stderr
 

@@ -64,9 +64,11 @@ def test_run_succeeds_prints_json_and_leaves_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curve
     summary = json.loads(result.stdout)
-    for key in ("job", "status", "test_accuracy", "final_loss", "steps", "wall_s", "examples_per_s"):
+    for key in ("job", "status", "test_accuracy", "final_loss", "steps_done", "steps_asked", "examples", "train_s",
+                "wall_s", "examples_per_s", "partitions"):
         assert key in summary
     assert summary["status"] == "succeeded" and summary["test_accuracy"] > 0.9
+    assert summary["steps_done"] == summary["steps_asked"] == 2 * 120
     assert "loss" in result.stderr and "ex/s" in result.stderr  # the progress line
     assert processes_mentioning(str(state), scheduler_addr(result.stderr)) == []
     assert sorted(p.name for p in state.iterdir()) == ["scheduler", "scheduler.log", "server-0.log",

@@ -35,8 +35,7 @@ def job(**over) -> dict:
 
 
 def updater_factory(spec):
-    optimizer = make_optimizer(spec["optimizer"])
-    return lambda arrays, nonlearned: Updater(optimizer, arrays, nonlearned=nonlearned)
+    return lambda arrays, nonlearned, optimizer: Updater(make_optimizer(optimizer), arrays, nonlearned=nonlearned)
 
 
 def batch(n=24, shape=(1, 8, 8), seed=0):
@@ -114,7 +113,7 @@ def test_evaluate_refuses_empty():
 
 def test_total_steps_from_steps_or_epochs():
     assert total_steps(job(steps=7), 1000) == 7
-    assert total_steps(job(steps=None, epochs=2), 1000) == 63      # ceil(2 * 1000 / 32)
+    assert total_steps(job(steps=None, epochs=2), 1000) == 64      # 2 passes of ceil(1000 / 32) batches
     assert total_steps(job(steps=None, epochs=0.01), 10) == 1
 
 

@@ -34,6 +34,7 @@ from protocol.buffers import keep_freed_buffers
 from protocol.codec import decode, encode, raise_if_error
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Create, Message, Ok, Pull, Push, PushPull, SliceData, Stats
+from protocol.partitions import partition_index
 from protocol.plan import Plan
 
 # Default wait for one reply before the request is re-sent (Lazy Pirate).
@@ -107,6 +108,8 @@ class ParamClient:
         self.resolve = resolve
         self.versions: list[int] = [-1] * len(self.addrs)  # last version seen per shard
         self.clocks: list[int] = [-1] * len(self.addrs)    # our clock on each shard, as it reported
+        # Per shard, the clock of each partition we hold there ("p3" -> steps done), as it reported.
+        self.held: list[dict[str, int]] = [{} for _ in self.addrs]
         self._rids = itertools.count(1)
         self._socks: list[zmq.Socket | None] = [None] * len(self.addrs)
         self._on_shard = [plan.slices_on(k) for k in range(plan.num_shards)]
@@ -243,6 +246,8 @@ class ParamClient:
         clock = body.get("clock")
         if type(clock) is int:
             self.clocks[k] = clock
+        held = body.get("held")
+        self.held[k] = {key: c for key, c in held.items() if type(c) is int} if type(held) is dict else {}
         return reply
 
     # --- helpers ---
@@ -337,28 +342,46 @@ class ParamClient:
         self._exchange(requests, patient=clock != -1, sink=sink)
         return result
 
-    def push(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0) -> None:
-        """Send gradients (for step `clock`) to the shards holding them; returns once all acknowledged."""
+    def push(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0,
+             parts: Sequence[int] = ()) -> None:
+        """Send gradients (for step `clock`) to the shards holding them; returns once all acknowledged.
+
+        parts: the data partitions this is one step of (their mean gradient); empty: this worker's own step.
+        """
         per_shard = self._grad_slices(grads)
-        requests = {k: Push(**self._common(k, clock), base_version=self.versions[k], norm=norm, slices=tuple(sl))
+        requests = {k: Push(**self._common(k, clock), base_version=self.versions[k], norm=norm, parts=list(parts),
+                            slices=tuple(sl))
                     for k, sl in per_shard.items()}
         self._exchange(requests)
 
     def push_pull(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0,
-                  names: Sequence[str] | None = None,
+                  names: Sequence[str] | None = None, parts: Sequence[int] = (),
                   out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Push step `clock`'s gradients and get the values for the next step, one round trip per shard."""
+        """Push step `clock`'s gradients and get the values for the next step, one round trip per shard.
+
+        parts: as for `push`.
+        """
         per_shard = self._grad_slices(grads)
         wanted = self._wanted(names)
         result, sink = self._results(names, out)
         shards = sorted(set(per_shard) | set(wanted))
         requests = {
-            k: PushPull(**self._common(k, clock), base_version=self.versions[k], norm=norm,
+            k: PushPull(**self._common(k, clock), base_version=self.versions[k], norm=norm, parts=list(parts),
                         sids=wanted.get(k, []), slices=tuple(per_shard.get(k, ())))
             for k in shards
         }
         self._exchange(requests, patient=clock != -1, sink=sink)
         return result
+
+    def part_steps(self) -> dict[int, int]:
+        """Steps each partition we hold has completed: the least any shard reported (after a pull or push)."""
+        steps: dict[int, int] = {}
+        for held in self.held:
+            for key, clock in held.items():
+                index = partition_index(key)
+                if index is not None:
+                    steps[index] = min(steps.get(index, clock), clock)
+        return steps
 
     def stats(self) -> list[dict]:
         """Every shard's `stats` body (counters, tables), in shard order."""

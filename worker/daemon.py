@@ -13,6 +13,8 @@ import threading
 
 import zmq
 
+from protocol.assignment import Assignment
+from protocol.errors import ErrorCode
 from protocol.messages import Assign, Register
 from protocol.metrics import Registry
 from worker.client import default_worker_id
@@ -60,24 +62,26 @@ class WorkerDaemon:
         self.register()
         self.heartbeat.start()
         done = 0
+        following: Assignment | None = None
         try:
             while not self._stopping.is_set():
                 if self.max_tasks is not None and done >= self.max_tasks:
                     return
-                assignment = self._next_assignment()
+                assignment, following = following or self._next_assignment(), None
                 if assignment is None:
                     continue
-                self.heartbeat.report(assignment["job"], {"partition": assignment["partition"]})
+                self.heartbeat.report(assignment.job, {})
                 if self._stopping.is_set():
                     self.heartbeat.stop_requested.set()
                 task = Task(assignment, worker=self.worker, device=self.device, sched=self.sched,
                             heartbeat=self.heartbeat, ctx=self.ctx, data=self.data, slowdown=self.slowdown,
                             metrics=self.metrics)
                 outcome = task.run()
-                log.info("assignment ended", extra={"job": assignment["job"], "task": assignment["task"],
+                log.info("assignment ended", extra={"job": assignment.job, "task": assignment.task,
                                                     "outcome": outcome.status, "detail": outcome.detail})
                 self.heartbeat.report("", {})
                 self.metrics.inc("assignments_total", outcome=outcome.status)
+                following = task.next_assignment
                 done += 1
         finally:
             self.heartbeat.close()
@@ -95,13 +99,13 @@ class WorkerDaemon:
         m.describe("assignments_total", "counter", "Assignments ended, by outcome")
         m.describe("staleness_seen", "histogram", "Updates by others between this worker's pull and its push")
 
-    def _next_assignment(self) -> dict | None:
+    def _next_assignment(self) -> Assignment | None:
         if self.heartbeat.reregister_needed.is_set():
             self.register()
         try:
             reply = self.sched.request(Assign(wait_s=ASSIGN_WAIT_S), timeout_s=ASSIGN_WAIT_S + 5.0, retries=2)
         except SchedulerError as exc:
-            if exc.code.value == "bad_state":  # the scheduler restarted and forgot us
+            if exc.code is ErrorCode.BAD_STATE:  # the scheduler restarted and forgot us
                 self.register()
                 return None
             raise
@@ -110,5 +114,10 @@ class WorkerDaemon:
                 return None
             log.warning("scheduler unavailable; retrying", extra={"scheduler": self.scheduler})
             return None
-        task = reply.body.get("task")
-        return reply.body if task else None
+        if not reply.body.get("task"):
+            return None
+        try:
+            return Assignment.from_wire(reply.body)
+        except ValueError as exc:
+            log.error("unreadable assignment", extra={"why": str(exc)})
+            return None

@@ -6,7 +6,9 @@ barrier, so a slow step never looks like a dead worker. The scheduler's
 answer can tell the worker to leave its current job (`stop_requested`) or
 to register again after a scheduler restart (`reregister_needed`). It also
 carries the current addresses of the job's shards, so a worker follows a
-shard that was restarted elsewhere (`shard_addresses`).
+shard that was restarted elsewhere (`shard_addresses`), and the partitions
+the worker holds and should give back (`view`), which the training loop
+acts on at its next step boundary.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class HeartbeatThread(threading.Thread):
         self._job = ""
         self._state: dict = {}
         self._shards: tuple[str, list[str]] | None = None  # (job, addresses) from the newest reply
+        self._view: tuple[str, dict] | None = None          # (job, body) of the newest reply about a job
         self._lock = threading.Lock()
 
     def report(self, job: str, state: dict) -> None:
@@ -45,6 +48,7 @@ class HeartbeatThread(threading.Thread):
         with self._lock:
             if job != self._job:
                 self.stop_requested.clear()
+                self._view = None
             self._job, self._state = job, dict(state)
 
     def shard_addresses(self, job: str) -> list[str] | None:
@@ -52,6 +56,12 @@ class HeartbeatThread(threading.Thread):
         with self._lock:
             known = self._shards
         return list(known[1]) if known is not None and known[0] == job else None
+
+    def view(self, job: str) -> dict | None:
+        """The scheduler's newest word on this worker's part in `job` (partitions, release, epoch), or None."""
+        with self._lock:
+            known = self._view
+        return dict(known[1]) if known is not None and known[0] == job else None
 
     def close(self) -> None:
         self._closing.set()
@@ -102,5 +112,14 @@ class HeartbeatThread(threading.Thread):
                 current = self._job
                 if reply.job and isinstance(shards, list) and all(isinstance(a, str) for a in shards):
                     self._shards = (reply.job, shards)
+                if reply.job and reply.job == current and _is_view(reply.body):
+                    self._view = (reply.job, reply.body)
             if reply.body.get("stop") and reply.job and reply.job == current:
                 self.stop_requested.set()
+
+
+def _is_view(body: dict) -> bool:
+    """A heartbeat answer that says which partitions the worker holds (and from which epoch)."""
+    parts, release, epoch = body.get("partitions"), body.get("release", []), body.get("epoch")
+    return (isinstance(parts, list) and isinstance(release, list) and type(epoch) is int
+            and all(type(k) is int for k in parts) and all(type(k) is int for k in release))

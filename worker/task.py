@@ -1,31 +1,50 @@
-"""One assignment of a worker: train a data partition, or evaluate a job's final parameters.
+"""One assignment of a worker: train the data partitions it holds, or evaluate a job's final parameters.
 
-Training loop (DESIGN.md, "Processes and sockets"): pull -> forward and
-backward on this partition's minibatch -> push_pull (push step t, get the
-parameters for t+1) -> report progress. The worker holds nothing that must
-survive it: a replacement picks up the partition at the step the servers'
-clock table gives it.
+Training loop (docs/architecture.md, "One step"): the worker holds one or
+more of the job's partitions; each step it takes those at the lowest step
+t, computes each one's minibatch gradient from the same parameters
+(worker/step.py), and pushes their mean as step t of each with one
+push_pull, which brings back the parameters for step t + 1. Partitions
+that come to it behind the others (taken over from a worker that died)
+catch up alone until they are level. It holds nothing that must survive
+it: where each partition stands is the shards' clock table, read at every
+(re)start, so a partition resumes at its next step, never skipping one.
+
+Between steps (a step boundary) it does what the scheduler asked through
+heartbeat replies: gives partitions back (`release`) for a worker that
+joined, takes on partitions it was given (after a REASSIGNED refusal or a
+heartbeat naming more), reports partitions that did all their steps, and
+leaves when told to stop.
 
 The first worker of a job initialises it: it builds the model from the
-job's seed, reports the model's tensors to the scheduler, gets the
-partition plan back and creates the tables on the shards with the seeded
-initial values.
+job's seed, reports the model's tensors and the training set's size,
+gets the partition plan and the steps each partition owes, and creates
+the tables on the shards with the seeded initial values.
+
+Failure is a result: a non-finite loss or gradient, a model over the
+scheduler's size limit or data that cannot be read fails the job at once
+(a `fatal` report); any other exception, MemoryError included, is
+reported as a failure of the partitions held, and the worker goes on to
+its next assignment.
 """
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from protocol.assignment import EVAL, Assignment
 from protocol.errors import ErrorCode
-from protocol.messages import Report
+from protocol.messages import Assign, Report
+from protocol.partitions import schedule_length, steps_owed
 from protocol.plan import Plan
 from worker.client import ParamClient, ShardError, ShardTimeout
 from worker.data import DataError, load_dataset, worker_batches
-from worker.trainer import accumulate_gradients, evaluate, global_norm, total_steps
+from worker.sched_client import SchedulerError, SchedulerUnavailable
+from worker.step import Diverged, partitions_step
+from worker.trainer import evaluate
 
 log = logging.getLogger("pscluster.worker")
 
@@ -36,6 +55,20 @@ MIN_EVAL_INTERVAL_STEPS = 10
 STEP_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
 # Upper bounds of the histogram of staleness this worker saw (in versions).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+# How long the scheduler may hold a request for this worker's partitions.
+SYNC_WAIT_S = 10.0
+# Reports the scheduler must answer: a short wait, a few tries.
+REPORT_TIMEOUT_S, REPORT_RETRIES = 10.0, 3
+# Bytes per value the servers hold (float32).
+VALUE_BYTES = 4
+
+
+class Leave(Exception):
+    """The worker leaves the job: told to stop, or no partition left to it. Not a failure."""
+
+
+class Fatal(Exception):
+    """The job cannot succeed (diverged, model too large, data unreadable): it fails at once."""
 
 
 @dataclass
@@ -44,6 +77,19 @@ class Outcome:
 
     status: str
     detail: str = ""
+
+
+@dataclass
+class Holding:
+    """One partition this worker holds."""
+
+    index: int
+    owed: int              # steps the partition owes in all
+    batches: object        # its Batches
+    start: int | None = None  # the step this worker took it over at (None: not read yet)
+    step: int = 0          # steps completed
+    loss: float | None = None
+    accuracy: float | None = None
 
 
 class DataCache:
@@ -61,13 +107,17 @@ class DataCache:
 
 
 class Task:
-    """Runs one assignment to its end. `run()` blocks; it raises nothing the daemon must handle."""
+    """Runs one assignment to its end. `run()` blocks; it raises nothing the daemon must handle.
 
-    def __init__(self, assignment: dict, *, worker: str, device, sched, heartbeat, ctx, data: DataCache,
+    `next_assignment` is set when the scheduler answered a question about
+    this job with work elsewhere: the daemon runs that next.
+    """
+
+    def __init__(self, assignment: Assignment, *, worker: str, device, sched, heartbeat, ctx, data: DataCache,
                  slowdown: float = 1.0, metrics=None):
         self.a = assignment
-        self.job = assignment["job"]
-        self.spec = assignment["spec"]
+        self.job = assignment.job
+        self.spec = assignment.spec
         self.worker = worker
         self.device = device
         self.sched = sched
@@ -77,50 +127,82 @@ class Task:
         self.slowdown = max(1.0, slowdown)
         self.metrics = metrics
         self.client: ParamClient | None = None
-
-    # --- reporting ---
-
-    def _report(self, event: str, state: dict) -> dict:
-        reply = self.sched.request(Report(job=self.job, event=event, state=state), timeout_s=10.0, retries=3)
-        if reply.body.get("stop"):
-            self.heartbeat.stop_requested.set()
-        return reply.body
+        self.next_assignment: Assignment | None = None
+        self.held: dict[int, Holding] = {}
+        self.epoch = assignment.epoch
+        self.owed: list[int] = list(assignment.steps)
+        self.max_stale = 0
+        self._fresh = False
 
     # --- entry ---
 
     def run(self) -> Outcome:
         try:
-            if self.a["task"] == "eval":
+            if self.a.task == EVAL:
                 return self._evaluate_final()
             return self._train()
-        except (DataError, ValueError) as exc:
-            outcome = Outcome("failed", str(exc))
+        except Leave as exc:
+            outcome, event = Outcome("stopped", str(exc)), "stopped"
+        except (Diverged, Fatal, DataError) as exc:
+            outcome, event = Outcome("failed", str(exc)), "fatal"
         except ShardError as exc:
-            if exc.code is ErrorCode.UNKNOWN_JOB:
-                # A shard restarted without a checkpoint of this job: its
-                # slices are gone and no worker can bring them back.
-                outcome = Outcome("failed", f"{exc} (the shard lost the job's parameters; "
-                                            "run servers with --checkpoint-dir to survive restarts)")
+            if exc.code is ErrorCode.NOT_MEMBER:
+                # Removed from the membership (the job stopped, or this worker was
+                # declared dead while stalled): not this job's failure, just leave it.
+                outcome, event = Outcome("stopped", str(exc)), "stopped"
+            elif exc.code is ErrorCode.UNKNOWN_JOB:
+                outcome, event = Outcome("failed", f"{exc} (the shard lost the job's parameters; run servers "
+                                                   "with --checkpoint-dir to survive restarts)"), "failed"
             else:
-                # Removed from the membership (declared dead while stalled):
-                # not this job's failure, just leave it.
-                outcome = Outcome("stopped", str(exc))
-        except ShardTimeout as exc:
-            outcome = Outcome("stopped", str(exc))
+                outcome, event = Outcome("failed", str(exc)), "failed"
+        except (SchedulerError, SchedulerUnavailable) as exc:
+            outcome, event = Outcome("stopped", f"lost the scheduler: {exc}"), "stopped"
+        except Exception as exc:  # MemoryError and any bug: the job's failure, not the worker's end
+            log.exception("assignment failed", extra={"job": self.job})
+            outcome, event = Outcome("failed", f"{type(exc).__name__}: {exc}"[:400]), "failed"
         finally:
             if self.client is not None:
                 self.client.close()
-        try:
-            self._report("failed" if outcome.status == "failed" else "stopped", {"error": outcome.detail})
-        except Exception as exc:  # the scheduler will notice the silence instead
-            log.warning("could not report", extra={"job": self.job, "why": str(exc)})
+        self._final_report(event, outcome)
         return outcome
 
+    def _final_report(self, event: str, outcome: Outcome) -> None:
+        state = {"parts": self._parts_state()}
+        if event == "stopped":
+            name = "stopped"
+        else:
+            name = "failed"
+            state.update(error=outcome.detail, fatal=event == "fatal")
+        try:
+            self._report(name, state)
+        except (SchedulerError, SchedulerUnavailable) as exc:  # the scheduler notices the silence instead
+            log.warning("could not report", extra={"job": self.job, "why": str(exc)})
+
+    # --- talking to the scheduler ---
+
+    def _report(self, event: str, state: dict) -> dict:
+        reply = self.sched.request(Report(job=self.job, event=event, state=state), timeout_s=REPORT_TIMEOUT_S,
+                                   retries=REPORT_RETRIES)
+        if reply.body.get("stop"):
+            self.heartbeat.stop_requested.set()
+        return reply.body
+
+    def _parts_state(self, only=None) -> dict:
+        return {str(k): {"from": h.start, "step": h.step, "loss": h.loss, "accuracy": h.accuracy,
+                         "max_staleness": self.max_stale}
+                for k, h in self.held.items() if only is None or k in only}
+
+    # --- building ---
+
     def _build(self):
-        from worker.nn.model import build_model
+        from worker.nn.model import build_model, count_values
 
         seed = int(self.spec["seed"])
         train, test = self.data.get(self.spec["data"], seed)
+        nbytes = count_values(self.spec["model"], train.input_shape, train.num_classes) * VALUE_BYTES
+        if self.a.max_model_bytes and nbytes > self.a.max_model_bytes:
+            raise Fatal(f"the model has {nbytes:,} bytes of parameters, over the scheduler's limit of "
+                        f"{self.a.max_model_bytes:,} (--max-model-bytes)")
         model = build_model(self.spec["model"], train.input_shape, train.num_classes, seed=seed, xp=self.device.xp)
         return model, train, test
 
@@ -130,106 +212,192 @@ class Task:
             return model.arrays()
         return {k: self.device.to_host(v).copy() for k, v in model.arrays().items()}
 
-    def _plan(self, model) -> Plan:
+    def _load(self, model, host: dict) -> None:
+        if self.device.name != "cpu":
+            model.load(host)
+
+    def _plan(self, model, train) -> Plan:
         shapes = model.param_shapes()
         tensors = [[name, list(shape), dtype] for name, (shape, dtype) in sorted(shapes.items())]
-        if self.a["init"]:
-            body = self._report("plan", {"tensors": tensors, "nonlearned": model.nonlearned_names()})
+        if self.a.init:
+            body = self._report("plan", {"tensors": tensors, "nonlearned": model.nonlearned_names(),
+                                         "train_size": len(train)})
+            if body.get("stop") or "plan" not in body:
+                raise Leave("the scheduler stopped the job at its plan")
             plan = Plan.from_wire(body["plan"])
+            self.owed = list(body.get("steps") or [])
         else:
-            plan = Plan.from_wire(self.a["plan"])
+            plan = Plan.from_wire(self.a.plan)
         mine = {name: (tuple(shape), dtype) for name, shape, dtype in tensors}
         theirs = {t.name: (t.shape, t.dtype) for t in plan.tensors}
         if mine != theirs:
-            raise ValueError(f"job {self.job}: this worker's model has other tensors than the job's plan")
+            raise Fatal(f"job {self.job}: this worker's model has other tensors than the job's plan")
+        if len(self.owed) != self.a.num_partitions:
+            self.owed = steps_owed(self.spec, len(train), self.a.num_partitions)
         return plan
 
     def _client(self, plan: Plan) -> ParamClient:
-        self.client = ParamClient(self.a["shards"], plan, job=self.job, worker=self.worker, ctx=self.ctx,
+        self.client = ParamClient(self.a.shards, plan, job=self.job, worker=self.worker, ctx=self.ctx,
                                   timeout_s=10.0, retries=3,
                                   resolve=lambda: self.heartbeat.shard_addresses(self.job))
         return self.client
+
+    # --- partitions held ---
+
+    def _hold(self, indices, train) -> None:
+        """Hold exactly `indices` from now on (new ones start where the shards say, at the next sync)."""
+        seed, batch_size = int(self.spec["seed"]), int(self.spec["data"]["batch_size"])
+        for k in list(self.held):
+            if k not in indices:
+                del self.held[k]
+        for k in indices:
+            if k not in self.held:
+                batches = worker_batches(train, k=k, num=self.a.num_partitions, batch_size=batch_size, seed=seed)
+                self.held[k] = Holding(k, self.owed[k], batches)
+
+    def _read_steps(self, client: ParamClient, host: dict, model) -> None:
+        """Where every held partition stands: the least step any shard's clock table gives it."""
+        client.pull(clock=-1, out=host)
+        steps = client.part_steps()
+        missing = [k for k in self.held if k not in steps]
+        if missing:
+            raise Leave(f"the shards do not list partition {missing[0]} as this worker's")
+        for k, h in self.held.items():
+            h.step = steps[k]
+            if h.start is None:
+                h.start = steps[k]
+        self._fresh = False
+
+    def _sync(self, client: ParamClient, host: dict, model, train) -> None:
+        """Ask the scheduler which partitions this worker holds now, then read where they stand."""
+        reply = self.sched.request(Assign(job=self.job, wait_s=SYNC_WAIT_S), timeout_s=SYNC_WAIT_S + 5.0,
+                                   retries=2)
+        body = reply.body
+        if not body.get("task"):
+            raise Leave("the scheduler has no partition of this job for this worker any more")
+        assignment = Assignment.from_wire(body)
+        if assignment.job != self.job or assignment.task == EVAL:
+            self.next_assignment = assignment
+            raise Leave(f"moved on to {assignment.task} of job {assignment.job}")
+        self.epoch = assignment.epoch
+        self._hold(assignment.partitions, train)
+        self._read_steps(client, host, model)
+
+    def _boundary(self, client: ParamClient, host: dict, model, train) -> None:
+        """Between two steps: report finished partitions, give back what was asked, take on what was given."""
+        finished = [k for k, h in self.held.items() if h.step >= h.owed]
+        if finished:
+            view = self._report("done", {"parts": self._parts_state(finished)})
+            for k in finished:
+                del self.held[k]
+            self.epoch = max(self.epoch, view.get("latest", 0))  # older heartbeat views still list them
+            if not self.held:
+                return  # every partition it held is done: the assignment is
+            self._apply(view, client, host, model, train)
+        if self.heartbeat.stop_requested.is_set():
+            raise Leave("told to stop")
+        view = self.heartbeat.view(self.job)
+        if view is not None and view.get("epoch", 0) >= self.epoch:
+            self._apply(view, client, host, model, train)
+
+    def _apply(self, view: dict, client, host, model, train) -> None:
+        release = [k for k in view.get("release", []) if k in self.held]
+        if release:
+            log.info("releasing partitions", extra={"job": self.job, "partitions": ",".join(map(str, release))})
+            view = self._report("release", {"release": release, "parts": self._parts_state(release)})
+            for k in release:
+                del self.held[k]
+            self.epoch = max(self.epoch, view.get("latest", 0))
+        if view.get("stop"):
+            raise Leave("told to stop")
+        given = view.get("partitions")
+        if isinstance(given, list) and set(given) - set(self.held) and view.get("epoch", 0) >= self.epoch:
+            self._sync(client, host, model, train)
 
     # --- training ---
 
     def _train(self) -> Outcome:
         model, train, test = self._build()
-        plan = self._plan(model)
+        plan = self._plan(model, train)
         client = self._client(plan)
         host = self._host_arrays(model)
-        if self.a["init"]:
-            existed = client.create(host, optimizer=self.spec["optimizer"], policy=self.spec["consistency"],
+        if self.a.init:
+            optimizer = schedule_length(self.spec, self.owed)
+            existed = client.create(host, optimizer=optimizer, policy=self.spec["consistency"],
                                     nonlearned=model.nonlearned_names(),
                                     checkpoint_every=int(self.spec.get("checkpoint_every") or 0))
             log.info("tables created", extra={"job": self.job, "existed": existed, "slices": len(plan.slices)})
-            self._report("initialized", {})
-        partition, partitions = self.a["partition"], self.a["partitions"]
-        seed = int(self.spec["seed"])
-        batch_size = int(self.spec["data"]["batch_size"])
-        batches = worker_batches(train, k=partition, num=partitions, batch_size=batch_size, seed=seed)
-        if hasattr(model, "seed_dropout"):
-            model.seed_dropout(seed * 1000 + partition + 1)  # same weights, own dropout masks
-        steps = total_steps(self.spec, len(batches))
-        eval_every = int(self.spec.get("eval_every") or 0) or max(MIN_EVAL_INTERVAL_STEPS, batches.steps_per_epoch)
-        # Where this partition stands: the clocks the shards keep for us.
-        client.pull(clock=-1, out=host)
-        self._load(model, host)
-        step = max(max(client.clocks), 0)
-        micro = int(self.spec["data"].get("micro_batches", 1))
-        examples, busy_s, started = 0, 0.0, time.perf_counter()
-        loss = acc = float("nan")
-        max_stale = 0
-        log.info("training", extra={"job": self.job, "partition": partition, "from_step": step, "steps": steps})
-        while step < steps:
-            if self.heartbeat.stop_requested.is_set():
-                return self._leave("stopped", step, steps, loss, acc, examples)
-            t0 = time.perf_counter()
-            x, y = batches.batch(step)
-            xp = self.device.xp
-            loss, acc = accumulate_gradients(model, xp.asarray(x), xp.asarray(y), micro)
-            grads = dict(model.grads)
-            norm = global_norm(grads)
-            grads.update(model.stat_deltas())
-            if self.device.name != "cpu":
-                grads = {k: self.device.to_host(v) for k, v in grads.items()}
-            if self.slowdown > 1.0:
-                # Experiments only: this worker computes `slowdown` times slower
-                # (a straggler). The round trip is not scaled: it may hold time
-                # a policy made us wait, and slowed workers waiting on each other
-                # would compound step after step.
-                time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
-            base = list(client.versions)
-            client.push_pull(grads, clock=None, norm=norm, out=host)
-            # Replies carry the version they reflect: the updates that landed
-            # between the pull this gradient came from and its own update.
-            stale = max(0, max(after - before - 1 for before, after in zip(base, client.versions)))
-            max_stale = max(max_stale, stale)
-            self._load(model, host)
-            step = max(step + 1, max(client.clocks))
-            examples += len(x)
-            busy_s += time.perf_counter() - t0
-            state = {"step": step, "total_steps": steps, "loss": float(loss), "accuracy": float(acc),
-                     "examples": examples, "examples_per_s": examples / max(busy_s, 1e-9),
-                     "partition": partition, "versions": list(client.versions),
-                     "staleness": stale, "max_staleness": max_stale}
-            self.heartbeat.report(self.job, state)
-            self._observe(time.perf_counter() - t0, len(x), loss, acc, stale)
-            if not math.isfinite(loss):
-                raise ValueError(f"job {self.job}: training loss is {loss} at step {step} (diverged)")
-            if partition == 0 and (step % eval_every == 0 or step == steps):
+            view = self._report("initialized", {})
+            self._hold(self.a.partitions, train)
+            self._read_steps(client, host, model)
+            self._apply(view, client, host, model, train)
+        else:
+            self._hold(self.a.partitions, train)
+            self._read_steps(client, host, model)
+        eval_every = int(self.spec.get("eval_every") or 0) or max(
+            MIN_EVAL_INTERVAL_STEPS, next(iter(self.held.values())).batches.steps_per_epoch if self.held else 1)
+        log.info("training", extra={"job": self.job, "partitions": ",".join(map(str, sorted(self.held)))})
+        while True:
+            self._boundary(client, host, model, train)
+            if not self.held:
+                return Outcome("done")
+            step = min(h.step for h in self.held.values())
+            parts = sorted(k for k, h in self.held.items() if h.step == step)
+            try:
+                self._step(client, model, host, parts, step)
+            except ShardError as exc:
+                if exc.code is not ErrorCode.REASSIGNED:
+                    raise
+                self._sync(client, host, model, train)  # given more partitions: the barrier needs them
+                continue
+            if 0 in parts and ((step + 1) % eval_every == 0 or step + 1 == self.held[0].owed):
                 test_loss, test_acc = evaluate(model, test, xp=self.device.xp)
                 if self.metrics is not None:
                     self.metrics.set("test_accuracy", test_acc, job=self.job)
-                self._report("eval", {"step": step, "test_accuracy": test_acc, "test_loss": test_loss})
-        self._report("done", {"step": step, "total_steps": steps, "loss": float(loss), "accuracy": float(acc),
-                              "examples": examples, "wall_s": time.perf_counter() - started})
-        return Outcome("done")
+                self._report("eval", {"step": step + 1, "test_accuracy": test_acc, "test_loss": test_loss})
 
-    def _observe(self, step_s: float, examples: int, loss: float, acc: float, stale: int) -> None:
+    def _step(self, client: ParamClient, model, host: dict, parts: list[int], step: int) -> None:
+        """Step `step` of `parts`: gradients, one push_pull, the parameters for the next step."""
+        if not self._fresh:
+            client.pull(clock=step, out=host)
+            self._load(model, host)
+            self._fresh = True
+        t0 = time.perf_counter()
+        result = partitions_step(model, {k: self.held[k].batches for k in parts}, step,
+                                 micro_batches=int(self.spec["data"].get("micro_batches", 1)),
+                                 clip_norm=float(self.spec["optimizer"]["clip_norm"]),
+                                 seed=int(self.spec["seed"]), xp=self.device.xp)
+        grads = {**result.grads, **result.deltas}
+        if self.device.name != "cpu":
+            grads = {k: self.device.to_host(v) for k, v in grads.items()}
+        if self.slowdown > 1.0:
+            # Experiments only: this worker computes `slowdown` times slower
+            # (a straggler). The round trip is not scaled: it may hold time
+            # a policy made us wait, and slowed workers waiting on each other
+            # would compound step after step.
+            time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
+        base = list(client.versions)
+        self._fresh = False
+        client.push_pull(grads, clock=step, norm=result.norm, parts=parts, out=host)
+        self._fresh = True
+        # Replies carry the version they reflect: the updates that landed
+        # between the pull this gradient came from and its own update.
+        stale = max(0, max(after - before - 1 for before, after in zip(base, client.versions)))
+        self.max_stale = max(self.max_stale, stale)
+        self._load(model, host)
+        for k in parts:
+            h = self.held[k]
+            h.step, h.loss, h.accuracy = step + 1, result.losses[k], result.accuracies[k]
+        self.heartbeat.report(self.job, {"parts": self._parts_state()})
+        self._observe(time.perf_counter() - t0, result.examples, result, stale)
+
+    def _observe(self, step_s: float, examples: int, result, stale: int) -> None:
         if self.metrics is None:
             return
         m = self.metrics
-        m.inc("steps_total", job=self.job)
+        loss = sum(result.losses.values()) / len(result.losses)
+        acc = sum(result.accuracies.values()) / len(result.accuracies)
+        m.inc("steps_total", len(result.losses), job=self.job)
         m.inc("examples_total", examples, job=self.job)
         m.histogram("step_seconds", STEP_SECONDS_BUCKETS, job=self.job).observe(step_s)
         m.histogram("staleness_seen", STALENESS_BUCKETS, job=self.job).observe(stale)
@@ -237,20 +405,11 @@ class Task:
         m.set("accuracy", acc, job=self.job)
         m.set("examples_per_second", examples / max(step_s, 1e-9), job=self.job)
 
-    def _load(self, model, host: dict) -> None:
-        if self.device.name != "cpu":
-            model.load(host)
-
-    def _leave(self, status: str, step: int, steps: int, loss: float, acc: float, examples: int) -> Outcome:
-        self._report("stopped", {"step": step, "total_steps": steps, "loss": float(loss), "accuracy": float(acc),
-                                 "examples": examples})
-        return Outcome(status)
-
     # --- final evaluation ---
 
     def _evaluate_final(self) -> Outcome:
-        model, _train, test = self._build()
-        plan = self._plan(model)
+        model, train, test = self._build()
+        plan = self._plan(model, train)
         host = self._host_arrays(model)
         self._client(plan).pull(clock=-1, out=host)
         self._load(model, host)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.partitions import schedule_length, steps_owed
 from worker.data import Dataset, load_dataset, worker_batches
 
 # Elements per float64 chunk in global_norm: the same chunking as
@@ -64,9 +65,11 @@ def evaluate(model, dataset: Dataset, *, batch_size: int = EVAL_BATCH, xp=None) 
     return loss_sum / n, correct / n
 
 
-def accumulate_gradients(model, x, y, micro_batches: int) -> tuple[float, float]:
-    """Fill model.grads with the gradient of the whole batch (x, y), computed
-    in `micro_batches` consecutive pieces; returns the batch's (mean loss, accuracy).
+def accumulate_gradients(model, x, y, micro_batches: int, *, accumulate: bool = False,
+                         scale: float = 1.0) -> tuple[float, float]:
+    """Fill model.grads with `scale` times the gradient of the whole batch (x, y),
+    computed in `micro_batches` consecutive pieces (added to the grads already
+    there with `accumulate`); returns the batch's (mean loss, accuracy).
 
     Piece i runs train_step(accumulate=i > 0, scale=len_i / len(x)) -- 1/k
     for the equal pieces a valid job has -- so the sum is the one-batch mean
@@ -78,23 +81,21 @@ def accumulate_gradients(model, x, y, micro_batches: int) -> tuple[float, float]
     if not 1 <= k <= n:
         raise ValueError(f"micro_batches must be in 1..{n} (the batch size), found {micro_batches}")
     if k == 1:
-        return model.train_step(x, y)
+        return model.train_step(x, y, accumulate=accumulate, scale=scale)
     loss = acc = 0.0
     edges = [n * i // k for i in range(k + 1)]
     for i in range(k):
         a, b = edges[i], edges[i + 1]
         w = (b - a) / n
-        li, ai = model.train_step(x[a:b], y[a:b], accumulate=i > 0, scale=w)
+        li, ai = model.train_step(x[a:b], y[a:b], accumulate=accumulate or i > 0, scale=w * scale)
         loss += li * w
         acc += ai * w
     return loss, acc
 
 
-def total_steps(spec: Mapping, partition_size: int) -> int:
-    """Steps per worker: spec.steps, or ceil(epochs * partition_size / batch_size)."""
-    if spec.get("steps"):
-        return int(spec["steps"])
-    return max(1, math.ceil(spec["epochs"] * partition_size / spec["data"]["batch_size"]))
+def total_steps(spec: Mapping, train_size: int) -> int:
+    """Steps of the job run as one partition of `train_size` examples (protocol/partitions.py)."""
+    return steps_owed(spec, train_size, num=1)[0]
 
 
 @dataclass
@@ -120,10 +121,11 @@ class TrainResult:
 class LocalTrainer:
     """Single-process reference trainer: the same model, data order and optimizer math the cluster uses.
 
-    spec: a normalized job spec (JOBSPEC.md). update: either an object with
+    spec: a normalized job spec (protocol/jobspec.py). update: either an object with
     `.apply(params, grads, *, step, norm)` that updates params in place, or
-    a factory `update(arrays, nonlearned_names) -> such an object`, called
-    with the model's host arrays (pass `ps.optim.Updater` wrapped so). The
+    a factory `update(arrays, nonlearned_names, optimizer) -> such an object`,
+    called with the model's host arrays and the job's optimizer spec (its
+    schedule's length filled in) (pass `ps.optim.Updater` wrapped so). The
     default data order is worker 0 of 1 (`worker_batches`); `batches`, a
     callable step -> (x, y), replaces it (tests feed what N workers would
     see). device: "cpu", "gpu", "auto" or a worker.device.Device. Raises
@@ -152,6 +154,8 @@ class LocalTrainer:
         self._batches = batches
         self.steps_per_epoch = math.ceil(len(self.train_set) / self.batch_size)
         self.total_steps = total_steps(spec, len(self.train_set))
+        # A cosine schedule of an `epochs:` job decays over the steps just counted.
+        self.spec = spec = {**spec, "optimizer": schedule_length(spec, [self.total_steps])}
         self.eval_every = int(spec.get("eval_every") or 0) or self.steps_per_epoch
         self.target_accuracy = spec.get("target_accuracy")
         self.progress = progress
@@ -165,7 +169,8 @@ class LocalTrainer:
         host_arrays = dict(self._host)
         for k, v in self.model.stats.items():
             host_arrays[k] = v if self.device.name == "cpu" else self.device.to_host(v).copy()
-        self.updater = update if hasattr(update, "apply") else update(host_arrays, self.model.nonlearned_names())
+        self.updater = update if hasattr(update, "apply") else update(host_arrays, self.model.nonlearned_names(),
+                                                                      spec["optimizer"])
 
     def _step(self, t: int) -> tuple[float, float, int]:
         x, y = self._batches(t)

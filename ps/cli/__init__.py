@@ -41,11 +41,16 @@ class PluginGroup(click.Group):
 
 
 def updater_factory(spec: dict):
-    """For train-local: the servers' optimizer as `make(arrays, nonlearned) -> Updater`; ValueError on a bad spec."""
+    """For train-local: the servers' optimizer as `make(arrays, nonlearned, optimizer) -> Updater`.
+
+    `spec` (an optimizer spec) is checked at once (ValueError on a bad one);
+    `make` builds from the optimizer spec it is given, which the trainer
+    completes (a cosine schedule's length, once the data size is known).
+    """
     from ps.optim import Updater, make_optimizer
 
-    optimizer = make_optimizer(spec)
-    return lambda arrays, nonlearned: Updater(optimizer, arrays, nonlearned=nonlearned)
+    make_optimizer(spec)
+    return lambda arrays, nonlearned, optimizer: Updater(make_optimizer(optimizer), arrays, nonlearned=nonlearned)
 
 
 @click.group(cls=PluginGroup, plugins="psctl.commands", context_settings={"help_option_names": ["-h", "--help"]})

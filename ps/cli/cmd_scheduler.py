@@ -5,7 +5,7 @@ import os
 
 import click
 
-from ps.cli.common import announce_ready, check_address, on_stop_signals, serve_metrics_or_fail
+from ps.cli.common import announce_ready, check_address, on_stop_signals, serve_metrics_or_fail, size_option
 
 
 def _default_bind() -> str:
@@ -21,12 +21,18 @@ def _default_bind() -> str:
               help="Directory for the durable job registry (sqlite); or PSCLUSTER_STATE_DIR.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(0.5, 3600), default=6.0, show_default=True,
               help="Seconds of silence after which a peer is dead.")
+@click.option("--max-model-bytes", callback=size_option, default=None,
+              help="Refuse jobs whose model parameters exceed this (e.g. 2GiB; default: a quarter of this "
+                   "machine's memory).")
+@click.option("--max-failures", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Fail a job once one of its partitions failed this many times in a row.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on this port.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def scheduler(bind, state_dir, heartbeat_timeout, metrics_port, metrics_host, log_level):
+def scheduler(bind, state_dir, heartbeat_timeout, max_model_bytes, max_failures, metrics_port, metrics_host,
+              log_level):
     """Run the scheduler: durable jobs, membership, assignments (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from ps.scheduler import Scheduler
@@ -36,7 +42,8 @@ def scheduler(bind, state_dir, heartbeat_timeout, metrics_port, metrics_host, lo
     bind = check_address(bind or _default_bind(), "--bind")
     try:
         os.makedirs(state_dir, exist_ok=True)
-        sched = Scheduler(bind, state_dir, heartbeat_timeout_s=heartbeat_timeout)
+        sched = Scheduler(bind, state_dir, heartbeat_timeout_s=heartbeat_timeout, max_model_bytes=max_model_bytes,
+                          max_failures=max_failures)
     except BindError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -15,7 +15,9 @@ from protocol.endpoints import check_endpoint, parse_size, ready_line, scheduler
 
 
 def size_option(ctx, param, value):
-    """click callback: a byte count such as 4096, 4KiB or 512MiB."""
+    """click callback: a byte count such as 4096, 4KiB or 512MiB (None stays None)."""
+    if value is None:
+        return None
     try:
         return parse_size(value)
     except ValueError as exc:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import click
 
@@ -49,15 +50,18 @@ def load_and_check(path: str) -> dict:
     return spec
 
 
+SUMMARY_FIELDS = ("test_accuracy", "test_loss", "final_loss", "steps_done", "steps_asked", "examples", "train_s",
+                  "examples_per_s", "wall_s", "stopped_by")
+
+
 def job_summary(body: dict) -> dict:
-    """The summary object of a finished (or failing) job's status."""
+    """The summary object of a finished (or failing) job's status: every figure from what its partitions did."""
     result = body.get("result") or {}
-    return {
-        "job": body["id"], "status": body["state"], "test_accuracy": result.get("test_accuracy"),
-        "test_loss": result.get("test_loss"), "final_loss": result.get("final_loss"),
-        "steps": result.get("steps"), "wall_s": result.get("wall_s"),
-        "examples_per_s": result.get("examples_per_s"), "error": body.get("error") or "",
-    }
+    summary = {"job": body["id"], "status": body["state"], **{k: result.get(k) for k in SUMMARY_FIELDS},
+               "error": body.get("error") or ""}
+    summary["partitions"] = [{k: p.get(k) for k in ("index", "steps", "steps_done", "examples", "holder", "holders")}
+                             for p in result.get("partitions") or body.get("partitions") or []]
+    return summary
 
 
 def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = None,
@@ -107,13 +111,19 @@ def _plot(rows: list[dict], path: str, job: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="With --wait: print the summary as one JSON object.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="With --wait: write the loss curve to this PNG file.")
-def submit(job_file, scheduler, wait, as_json, plot):
+@click.option("--submission-id", default=None, metavar="ID",
+              help="Submitting the same ID again returns the job it made instead of a new one "
+                   "(default: a fresh id, reused by this command's own retries).")
+def submit(job_file, scheduler, wait, as_json, plot, submission_id):
     """Submit JOB_FILE; prints the job id (with --wait, exits 0 only if the job succeeded)."""
     from protocol.messages import Submit
 
     spec = load_and_check(job_file)
+    if submission_id is not None and not (0 < len(submission_id) <= 128 and submission_id.isprintable()):
+        raise click.BadParameter("must be 1 to 128 printable characters", param_hint="--submission-id")
     client = _client(scheduler)
-    job = _call(client, Submit(spec=spec))["job"]
+    # The client re-sends a silent request as it is, id included: a retry never makes a second job.
+    job = _call(client, Submit(spec=spec, submission_id=submission_id or uuid.uuid4().hex))["job"]
     if not wait:
         click.echo(json.dumps({"job": job}) if as_json else job)
         return

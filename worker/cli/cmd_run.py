@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import click
 
@@ -159,7 +160,7 @@ def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir):
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         addr, client = cluster.boot(servers, [["--device", device]] * workers)
-        job = _call(client, Submit(spec=spec))["job"]
+        job = _call(client, Submit(spec=spec, submission_id=uuid.uuid4().hex))["job"]
         if not quiet:
             click.echo(f"local cluster: scheduler {addr}, {servers} server(s), {workers} worker(s); job {job}",
                        err=True)

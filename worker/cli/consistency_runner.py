@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from worker.cli.cmd_run import LocalCluster
@@ -139,7 +140,7 @@ def run_policy(spec: dict, label: str, *, servers: int, workers: int, slowdown: 
         worker_args = [["--slowdown", str(slowdown)] if i >= workers - slow_workers and slowdown > 1 else []
                        for i in range(workers)]
         _addr, client = cluster.boot(servers, worker_args)
-        run.job = _call(client, Submit(spec=spec))["job"]
+        run.job = _call(client, Submit(spec=spec, submission_id=uuid.uuid4().hex))["job"]
         deadline = time.monotonic() + timeout_s
         t0 = None
         while True:

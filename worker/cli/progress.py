@@ -19,7 +19,8 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 
 class ProgressBar:
-    """Draws progress rows ({step, total_steps, loss, accuracy, test_accuracy, examples_per_s})."""
+    """Draws a job's progress: steps done over steps asked across all partitions, the slowest partition,
+    loss, accuracy, test accuracy, examples/s (the scheduler's `progress` summary)."""
 
     def __init__(self, stream=None, *, label: str = ""):
         self.stream = stream or sys.stderr
@@ -31,14 +32,21 @@ class ProgressBar:
         self._drawn = False
         self._pending: str | None = None
 
+    @staticmethod
+    def fraction(row: dict) -> float:
+        done, asked = row.get("steps_done") or 0, row.get("steps_asked") or 0
+        return min(1.0, done / asked) if asked else 0.0
+
     def line(self, row: dict) -> str:
-        step, total = row.get("step") or 0, row.get("total_steps") or 0
-        frac = min(1.0, step / total) if total else 0.0
-        filled = int(frac * BAR_WIDTH)
+        done, asked = row.get("steps_done") or 0, row.get("steps_asked")
+        filled = int(self.fraction(row) * BAR_WIDTH)
         bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        slow = row.get("slowest") or {}
+        slowest = (f"  slowest p{slow['partition']} {slow.get('steps_done', 0)}/{slow.get('steps') or '?'}"
+                   if slow.get("partition") is not None and (row.get("partitions") or 1) > 1 else "")
         parts = [
             f"{self.label} " if self.label else "",
-            f"[{bar}] {step}/{total or '?'}",
+            f"[{bar}] {done}/{asked or '?'} steps{slowest}",
             f"  loss {_fmt(row.get('loss'), '.4f')}",
             f"  acc {_fmt(row.get('accuracy'), '.3f')}",
             f"  test {_fmt(row.get('test_accuracy'), '.3f')}",
@@ -55,8 +63,7 @@ class ProgressBar:
         else:
             # Not a terminal: a line per tenth of the job or per PLAIN_EVERY_S, whichever comes first.
             now = time.monotonic()
-            total = row.get("total_steps") or 0
-            frac = (row.get("step") or 0) / total if total else 0.0
+            frac = self.fraction(row)
             if now - self._last_plain < PLAIN_EVERY_S and frac < self._next_tenth:
                 self._pending = text
                 return
@@ -106,17 +113,34 @@ def write_loss_plot(rows: list[dict], path: str, *, title: str) -> str | None:
     return path
 
 
+SUMMARY_ORDER = ("job", "status", "test_accuracy", "test_loss", "final_loss", "steps_done", "steps_asked",
+                 "examples", "train_s", "examples_per_s", "wall_s", "stopped_by", "error")
+
+
 def print_summary(summary: dict, *, as_json: bool, stream=None) -> None:
-    """The job's final figures: one JSON object, or aligned lines for people."""
+    """The job's final figures: one JSON object, or aligned lines and a partition table for people."""
     stream = stream or sys.stdout
     if as_json:
         stream.write(json.dumps(summary, sort_keys=True, default=str) + "\n")
         return
-    order = ("job", "status", "test_accuracy", "test_loss", "final_loss", "steps", "wall_s", "examples_per_s",
-             "error")
-    for key in order:
+    for key in SUMMARY_ORDER:
         if key in summary and summary[key] not in (None, ""):
             value = summary[key]
-            shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+            shown = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) \
+                else str(value)
             stream.write(f"{key:>15}  {shown}\n")
+    stream.writelines(line + "\n" for line in partition_table(summary.get("partitions") or []))
     stream.flush()
+
+
+def partition_table(parts: list[dict]) -> list[str]:
+    """One line per partition: steps done of owed, examples, and who trained which steps."""
+    if not parts:
+        return []
+    lines = [f"{'partition':>15}  {'steps':>13}  {'examples':>10}  trained by (steps)"]
+    for p in parts:
+        who = ", ".join(f"{h['worker'] or '?'} ({h['first']}-{h['last']})" for h in p.get("holders") or []
+                        if h["last"] > h["first"]) or "-"
+        steps = f"{p.get('steps_done', 0)}/{p.get('steps') or '?'}"
+        lines.append(f"{p['index']:>15}  {steps:>13}  {p.get('examples', 0):>10,}  {who}")
+    return lines

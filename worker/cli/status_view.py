@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+from worker.cli.progress import partition_table
+
 HIST_WIDTH = 30
 
 
@@ -17,13 +19,13 @@ def _num(value, spec: str) -> str:
 def render_list(jobs: list[dict]) -> str:
     if not jobs:
         return "no jobs"
-    lines = [f"{'JOB':<28} {'STATE':<10} {'SUBMITTED':<9} {'STEP':>11} {'TEST ACC':>8}"]
+    lines = [f"{'JOB':<28} {'STATE':<10} {'SUBMITTED':<9} {'STEPS':>13} {'TEST ACC':>8}"]
     for j in jobs:
         prog = j.get("progress") or {}
         result = j.get("result") or {}
-        step = f"{prog.get('step', 0)}/{prog.get('total_steps') or '?'}" if prog else "-"
+        step = f"{prog.get('steps_done', 0)}/{prog.get('steps_asked') or '?'}" if prog else "-"
         acc = result.get("test_accuracy", prog.get("test_accuracy"))
-        lines.append(f"{j['id']:<28} {j['state']:<10} {_when(j['submitted']):<9} {step:>11} {_num(acc, '.4f'):>8}")
+        lines.append(f"{j['id']:<28} {j['state']:<10} {_when(j['submitted']):<9} {step:>13} {_num(acc, '.4f'):>8}")
     return "\n".join(lines)
 
 
@@ -33,7 +35,9 @@ def render_cluster(body: dict) -> str:
         lines.append(f"  shard {s['shard']}  {s['addr']}  seen {s['seen_s_ago']}s ago")
     lines.append(f"workers: {len(body['workers'])}")
     for w in body["workers"]:
-        doing = w["job"] or ("waiting for work" if w["waiting"] else "idle")
+        held = w.get("partitions") or []
+        doing = (f"{w['job']} (partitions {', '.join(map(str, held))})" if held else w["job"]) if w["job"] \
+            else ("waiting for work" if w["waiting"] else "idle")
         lines.append(f"  {w['worker']}  {doing}  seen {w['seen_s_ago']}s ago")
     lines.append(f"running: {', '.join(body['running']) or '-'}")
     lines.append(f"queued:  {', '.join(body['queued']) or '-'}")
@@ -65,28 +69,30 @@ def render_job(body: dict) -> str:
         f"finished {_when(body['finished'])}",
     ]
     if prog:
-        lines.append(f"  step {prog.get('step')}..{prog.get('max_step')} of {prog.get('total_steps') or '?'}  "
+        slow = prog.get("slowest") or {}
+        lines.append(f"  steps {prog.get('steps_done')}/{prog.get('steps_asked') or '?'} over "
+                     f"{prog.get('partitions')} partitions (slowest: {slow.get('partition')} at "
+                     f"{slow.get('steps_done')}/{slow.get('steps') or '?'})  workers {prog.get('workers')}  "
                      f"loss {_num(prog.get('loss'), '.4f')}  acc {_num(prog.get('accuracy'), '.3f')}  "
                      f"test {_num(prog.get('test_accuracy'), '.4f')}  "
                      f"{_num(prog.get('examples_per_s'), ',.0f')} ex/s")
     if result:
         lines.append(f"  result: test accuracy {_num(result.get('test_accuracy'), '.4f')}  "
-                     f"final loss {_num(result.get('final_loss'), '.4f')}  steps {result.get('steps')}  "
-                     f"wall {_num(result.get('wall_s'), '.1f')}s")
+                     f"final loss {_num(result.get('final_loss'), '.4f')}  "
+                     f"steps {result.get('steps_done')}/{result.get('steps_asked')}  "
+                     f"examples {result.get('examples') or 0:,}  {_num(result.get('examples_per_s'), ',.0f')} ex/s "
+                     f"over {_num(result.get('train_s'), '.1f')}s of training, wall {_num(result.get('wall_s'), '.1f')}s")
     if body.get("error"):
         lines.append(f"  error: {body['error']}")
     parts = body.get("partitions") or []
     if parts:
         lines.append("  partitions:")
-        for p in parts:
-            who = p["worker"] or ("done" if p["done"] else "unassigned")
-            lines.append(f"    {p['index']:>3}  step {p['step']:>6}/{p['total_steps'] or '?':<6} "
-                         f"loss {_num(p['loss'], '.4f')}  staleness seen <= {p.get('max_staleness', 0)}  {who}")
+        lines.extend("  " + line for line in partition_table(parts))
     for s in body.get("shard_stats") or []:
         clocks = s.get("clocks") or {}
         lines.append(f"  shard {s['shard']}  version {s['version']}  epoch {s['epoch']}  parked pulls {s['parked']}  "
                      f"pushes {s['pushes']}  pulls {s['pulls']}")
-        if clocks:
+        if clocks and s.get("min_clock") is not None and s.get("max_clock") is not None:
             lines.append(f"    clocks: slowest {s.get('min_clock')}  fastest {s.get('max_clock')}  "
                          f"(spread {s.get('max_clock') - s.get('min_clock')})")
             for worker, clock in sorted(clocks.items()):

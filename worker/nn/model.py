@@ -5,9 +5,9 @@
 that the parameter servers shard, and runs one training step at a time:
 
     model = build_model(spec, (1, 28, 28), 10, seed=job_seed)
-    client.pull_into(model.arrays())          # in place
+    client.pull(out=model.arrays())            # in place
     loss, acc = model.train_step(x, y)         # fills model.grads
-    client.push(model.grads, model.stat_deltas())
+    client.push_pull({**model.grads, **model.stat_deltas()}, clock=t, out=model.arrays())
 
 Micro-batches: call train_step(xk, yk, accumulate=k > 0, scale=1/K) for
 k = 0..K-1; the grads are then the mean over the K micro-batches.
@@ -44,7 +44,7 @@ ACTIVATIONS = {
     "sigmoid": Sigmoid,
 }
 
-# JOBSPEC.md's defaults, so a hand-written partial spec (tests, benchmarks) works too.
+# protocol/jobspec.py's defaults, so a hand-written partial spec (tests, benchmarks) works too.
 MODEL_DEFAULTS: dict[str, Any] = {
     "kind": "mlp",
     "hidden": [128],
@@ -132,6 +132,10 @@ class Model:
         """Set every gradient to zero, in place."""
         for g in self.grads.values():
             g.fill(0)
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(isinstance(x, Dropout) for x in self.layers)
 
     def seed_dropout(self, seed: int) -> None:
         """Restart every dropout stream from `seed` (e.g. a per-worker seed)."""
@@ -238,7 +242,7 @@ def build_model(
     xp: Any = np,
     dtype: Any = np.float32,
 ) -> Model:
-    """Build the Model of a normalized `model:` spec (JOBSPEC.md).
+    """Build the Model of a normalized `model:` spec (protocol/jobspec.py).
 
     mlp: [Flatten] -> per hidden width Dense -> [BatchNorm] -> act -> [Dropout]
          -> Dense(num_classes).
@@ -282,6 +286,30 @@ def build_model(
         width = int(hidden)
     layers.append(Dense(width, num_classes, init=init, rng=init_rng, xp=xp, dtype=dtype))
     return Model(layers, input_shape, num_classes, xp=xp, dtype=dtype)
+
+
+def count_values(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> int:
+    """How many values build_model's arrays (parameters and running statistics) hold, without building it.
+
+    A worker checks a job's model against the scheduler's size limit with
+    this before it allocates anything (a model too large must fail the job,
+    not the worker's process).
+    """
+    spec = {**MODEL_DEFAULTS, **spec}
+    _check_spec(spec, tuple(int(d) for d in input_shape), num_classes)
+    per_norm = 4 if spec["batchnorm"] else 0   # gamma, beta, running mean and variance
+    count = 0
+    shape = tuple(int(d) for d in input_shape)
+    if spec["kind"] == "cnn":
+        k = int(spec["kernel"])
+        for channels in spec["channels"]:
+            count += int(channels) * shape[0] * k * k + int(channels) + per_norm * int(channels)
+            shape = (int(channels), shape[1] // POOL_SIZE, shape[2] // POOL_SIZE)
+    width = math.prod(shape)
+    for hidden in spec["hidden"]:
+        count += width * int(hidden) + int(hidden) + per_norm * int(hidden)
+        width = int(hidden)
+    return count + width * num_classes + num_classes
 
 
 def _dropout_seed(seed: int, index: int) -> int:

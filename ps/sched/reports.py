@@ -1,0 +1,232 @@
+"""What workers report about their assignments (the `report` op), event by event.
+
+Every report may carry `state.parts`, the progress of the partitions the
+worker holds ({"3": {"from", "step", "loss", "accuracy", "max_staleness"}},
+`from` being the step it started that partition at); progress counts only
+for partitions the reporting worker holds in the current epoch. Events:
+
+    plan         the initialising worker's model: state.tensors ([name,
+                 shape, dtype] lists), state.nonlearned, state.train_size
+                 (examples in the training set). Answered with the plan,
+                 the shards and the steps each partition owes.
+    initialized  the initialising worker created the tables: training starts.
+    eval         test metrics a holder measured: state.step,
+                 state.test_accuracy, state.test_loss.
+    done         some partitions did all their steps (state.parts says so).
+    release      state.release: partitions the worker gives back at a step
+                 boundary, as the scheduler asked.
+    stopped      the worker leaves the job (told to stop, or shutting down).
+    failed       state.error; with state.fatal the job fails at once (a
+                 diverged loss, a model too large, data that cannot be
+                 read), else each partition it held counts a failure and
+                 a partition failing max_failures times in a row fails the job.
+    final        the final evaluation: state.test_accuracy, state.test_loss.
+
+Every answer carries the worker's view after the event (`worker_view`):
+the partitions it holds, those it should give back, whether to stop.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import Ok
+from protocol.partitions import steps_owed
+from protocol.plan import make_plan
+from ps.sched import checks
+from ps.sched.events import Reply
+from ps.sched.jobs import MAX_HISTORY, JobRun
+
+log = logging.getLogger("pscluster.scheduler")
+
+
+class Reports:
+    """Mixin of SchedulerState: the `report` op."""
+
+    def on_report(self, req, out: list) -> None:
+        msg, now = req.msg, req.now
+        handler = {"plan": self._report_plan, "initialized": self._report_initialized, "eval": self._report_eval,
+                   "done": self._report_done, "release": self._report_release, "stopped": self._report_stopped,
+                   "failed": self._report_failed, "final": self._report_final}.get(msg.event)
+        if handler is None:
+            raise checks.bad(f"unknown report event {msg.event!r:.40} (known: plan, initialized, eval, done, "
+                             "release, stopped, failed, final)", msg.rid)
+        worker = self.workers.get(msg.worker)
+        if worker is None:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"worker {msg.worker!r:.60} is not registered", rid=msg.rid)
+        worker.last_seen = now
+        run = self.runs.get(msg.job)
+        if run is None:
+            out.append(Reply(req.peer, Ok(rid=msg.rid, job=msg.job, body={"stop": True})))
+            return
+        if worker.job != run.job_id:
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {msg.worker!r:.60} has no part in job {run.job_id} "
+                                                      "(it was declared dead, or the job moved on)", rid=msg.rid)
+        if run.progress(worker.id, checks.part_states(msg.state.get("parts"), msg.rid)):
+            self._training_moved(run, now)
+        body = handler(run, worker, msg, now, out) or {}
+        self._settle(now, out)
+        out.append(Reply(req.peer, Ok(rid=msg.rid, job=msg.job, body={**self.worker_view(worker, run.job_id),
+                                                                      **body})))
+
+    # --- the initialising worker ---
+
+    def _report_plan(self, run: JobRun, worker, msg, now, out) -> dict:
+        if run.init_worker != worker.id:
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"only the worker initialising job {run.job_id} sends its plan",
+                                rid=msg.rid)
+        tensors = checks.tensors(msg.state.get("tensors"), msg.rid)
+        names = {name for name, _s, _d in tensors}
+        nonlearned = msg.state.get("nonlearned", [])
+        if not isinstance(nonlearned, list) or not all(isinstance(n, str) and n in names for n in nonlearned):
+            raise checks.bad("state.nonlearned must list names of the model's tensors", msg.rid)
+        size = msg.state.get("train_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise checks.bad("state.train_size must be the number of training examples (>= 1)", msg.rid)
+        nbytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for _n, shape, dtype in tensors)
+        if self.max_model_bytes and nbytes > self.max_model_bytes:
+            self._fail(run, f"the model has {nbytes:,} bytes of parameters, over this scheduler's limit of "
+                            f"{self.max_model_bytes:,} (--max-model-bytes)")
+            return {"stop": True}
+        try:
+            plan = make_plan({n: (s, d) for n, s, d in tensors}, len(run.shards), run.spec["partition_bytes"])
+        except (ValueError, ProtocolError) as exc:
+            raise checks.bad(f"state.tensors: no plan can be made of them: {exc}", msg.rid) from None
+        if run.plan is not None and run.plan.digest != plan.digest:
+            raise ProtocolError(ErrorCode.BAD_PLAN, "this model's tensors differ from the job's plan", rid=msg.rid)
+        owed = steps_owed(run.spec, size)
+        for p in run.partitions:
+            if p.steps is None:
+                p.steps = owed[p.index]
+        if run.plan is None:
+            run.plan = plan
+            self._persist(out, run.record, plan=plan.to_wire(), nonlearned=list(nonlearned),
+                          tensors=[[n, list(s), d] for n, s, d in tensors])
+            log.info("plan made", extra={"job": run.job_id, "slices": len(plan.slices), "bytes": nbytes})
+        return {"plan": run.plan.to_wire(), "shards": run.shards, "steps": [p.steps for p in run.partitions]}
+
+    def _report_initialized(self, run: JobRun, worker, msg, now, out) -> dict:
+        if run.init_worker != worker.id or run.plan is None:
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"only the worker initialising job {run.job_id}, once it has "
+                                                      "the plan, says the tables exist", rid=msg.rid)
+        run.initialized = True
+        if run.train_started is None:
+            run.train_started = now
+        return {}
+
+    # --- training ---
+
+    def _report_eval(self, run: JobRun, worker, msg, now, out) -> dict:
+        if not run.held_by(worker.id):
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {worker.id!r:.60} holds no partition of "
+                                                      f"job {run.job_id}", rid=msg.rid)
+        acc, loss, step = msg.state.get("test_accuracy"), msg.state.get("test_loss"), msg.state.get("step")
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= acc <= 1.0:
+            raise checks.bad("state.test_accuracy must be a number in [0, 1]", msg.rid)
+        loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else None
+        run.test_accuracy, run.test_loss = float(acc), loss
+        run.history.append({"step": step if isinstance(step, int) else None, "test_accuracy": float(acc),
+                            "test_loss": loss, "t": round(now - run.started_at, 3)})
+        del run.history[:-MAX_HISTORY]
+        target = run.spec.get("target_accuracy")
+        if target is not None and acc >= target and not run.stopping:
+            run.stopping, run.stopped_by, run.target_seen = True, "target", float(acc)
+            run.epoch += 1  # an empty membership freezes the parameters now
+            log.info("target accuracy reached", extra={"job": run.job_id, "test_accuracy": acc})
+        return {}
+
+    def _report_done(self, run: JobRun, worker, msg, now, out) -> dict:
+        finished = [k for k in run.held_by(worker.id) if run.partitions[k].done]
+        if finished:
+            run.ungrant(finished)
+            self._training_moved(run, now)
+            log.info("partitions done", extra={"job": run.job_id, "worker": worker.id,
+                                               "partitions": ",".join(map(str, finished))})
+        return {}
+
+    def _report_release(self, run: JobRun, worker, msg, now, out) -> dict:
+        given = checks.indices(msg.state.get("release"), len(run.partitions), msg.rid, "state.release")
+        mine = set(run.held_by(worker.id))
+        run.ungrant([k for k in given if k in mine])
+        return {}
+
+    def _report_stopped(self, run: JobRun, worker, msg, now, out) -> dict:
+        self._leave(run, worker)
+        return {"stop": True}
+
+    def _report_failed(self, run: JobRun, worker, msg, now, out) -> dict:
+        error = checks.error_text(msg.state.get("error"), "a worker failed without saying why")
+        fatal = msg.state.get("fatal") is True
+        log.warning("worker failed", extra={"job": run.job_id, "worker": worker.id, "why": error, "fatal": fatal})
+        if run.eval_worker == worker.id:
+            run.eval_failures += 1
+            if fatal or run.eval_failures >= self.max_failures:
+                self._fail(run, f"the final evaluation failed: {error}")
+        else:
+            self._count_failures(run, run.held_by(worker.id), error, fatal=fatal)
+        self._leave(run, worker)
+        return {"stop": True}
+
+    def _report_final(self, run: JobRun, worker, msg, now, out) -> dict:
+        if run.eval_worker != worker.id:
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {worker.id!r:.60} is not evaluating job {run.job_id}",
+                                rid=msg.rid)
+        acc, loss = msg.state.get("test_accuracy"), msg.state.get("test_loss")
+        if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= acc <= 1.0:
+            raise checks.bad("state.test_accuracy must be a number in [0, 1]", msg.rid)
+        target = run.spec.get("target_accuracy")
+        if run.stopped_by == "target" and acc < target and run.active():
+            # The target was met by parameters one worker pulled; the frozen
+            # ones (a few pushes later) fall short. Train on rather than end
+            # below the target: the partitions resume where they stopped.
+            log.info("final evaluation below the target: training resumes",
+                     extra={"job": run.job_id, "test_accuracy": acc, "target": target})
+            run.stopping, run.stopped_by, run.target_seen = False, "", None
+            run.epoch += 1
+        else:
+            run.final = {"test_accuracy": float(acc),
+                         "test_loss": float(loss) if isinstance(loss, (int, float)) else None}
+        run.eval_worker, worker.job = None, None
+        return {"stop": True}
+
+    # --- shared ---
+
+    def _leave(self, run: JobRun, worker) -> None:
+        """`worker` has no part in `run` any more; what it held goes back (no failure counted)."""
+        held = run.held_by(worker.id)
+        if held:
+            run.ungrant(held)
+        run.joining.discard(worker.id)
+        if run.eval_worker == worker.id:
+            run.eval_worker = None
+        if run.init_worker == worker.id and not run.initialized:
+            run.init_worker = None
+        worker.job = None
+
+    def _count_failures(self, run: JobRun, indices: list[int], error: str, *, fatal: bool = False) -> None:
+        """Each partition in `indices` failed once more; max_failures in a row fail the job."""
+        if fatal:
+            self._fail(run, error)
+            return
+        for k in indices:
+            p = run.partitions[k]
+            p.failures += 1
+            p.last_error = error
+            if p.failures >= self.max_failures:
+                self._fail(run, f"partition {k} failed {p.failures} times in a row; last error: {error}")
+                return
+
+    def _fail(self, run: JobRun, error: str) -> None:
+        """The job fails with `error`: no more training; it ends once its workers have left."""
+        if run.error:
+            return
+        log.error("job failed", extra={"job": run.job_id, "why": error})
+        run.error, run.stopping, run.stopped_by = error, True, "error"
+        run.epoch += 1
+
+    def _training_moved(self, run: JobRun, now: float) -> None:
+        if run.train_ended is None and all(p.done for p in run.partitions):
+            run.train_ended = now

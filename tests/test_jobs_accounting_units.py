@@ -1,0 +1,770 @@
+"""Units of job accounting: numbers in job files, the model size bound,
+partitions and the steps they owe, assignments on the wire, the job store,
+a running job's partitions and holders, and one step over several partitions.
+
+Pure: no processes, no sockets (the job store writes sqlite files under tmp_path).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sqlite3
+
+import numpy as np
+import pytest
+import yaml
+
+from protocol.assignment import EVAL, TRAIN, Assignment
+from protocol.jobspec import SpecError, min_param_bytes, parse_job_text, validate_job
+from protocol.partitions import (
+    epoch_steps,
+    partition_index,
+    partition_key,
+    partition_size,
+    schedule_length,
+    steps_owed,
+)
+from ps.registry import JobStore
+from ps.sched.jobs import QUEUED, RUNNING, SUCCEEDED, JobRecord, JobRun, Partition, Segment
+from worker.data import load_dataset, worker_batches
+from worker.nn.model import build_model, count_values
+from worker.step import Diverged, dropout_seed, partitions_step
+from worker.trainer import accumulate_gradients, global_norm, total_steps
+
+BASE_YAML = 'model: {kind: mlp}\ndata: {source: "sklearn:digits"}\n'
+DIGITS = {"source": "sklearn:digits", "batch_size": 16, "test_fraction": 0.2}
+
+
+def job(**fields) -> dict:
+    """A normalized spec: a small mlp on digits, 10 steps, with `fields` on top."""
+    raw = {"model": {"kind": "mlp"}, "data": {"source": "sklearn:digits"}, "steps": 10}
+    raw.update(fields)
+    if "epochs" in fields:
+        raw.pop("steps")
+    return validate_job(raw)
+
+
+# --- protocol/jobspec.py: numbers as users write them ---------------------------------------------
+
+
+@pytest.mark.parametrize("line, path, value", [
+    ("optimizer: {lr: 1e-3}", ("optimizer", "lr"), 1e-3),
+    ("optimizer: {eps: 1e-8}", ("optimizer", "eps"), 1e-8),
+    ("optimizer: {lr: 5E-2}", ("optimizer", "lr"), 5e-2),
+    ("optimizer: {lr: 1e+2}", ("optimizer", "lr"), 100.0),
+    ("optimizer: {lr: 1.5e3}", ("optimizer", "lr"), 1500.0),
+    ("optimizer: {weight_decay: -0}", ("optimizer", "weight_decay"), 0.0),
+    ("optimizer: {weight_decay: 5e-4}", ("optimizer", "weight_decay"), 5e-4),
+    ("optimizer: {schedule: {min_lr: 1e-5}}", ("optimizer", "schedule", "min_lr"), 1e-5),
+    ("target_accuracy: 9e-1", ("target_accuracy",), 0.9),
+])
+def test_exponent_numbers_without_a_dot_are_numbers(line, path, value):
+    got = parse_job_text(BASE_YAML + "steps: 5\n" + line + "\n")
+    for key in path:
+        got = got[key]
+    assert isinstance(got, float)
+    assert got == value
+
+
+def test_steps_in_exponent_form_is_an_int():
+    spec = parse_job_text(BASE_YAML + "steps: 5e2\n")
+    assert spec["steps"] == 500
+    assert type(spec["steps"]) is int
+
+
+def test_epochs_in_exponent_form():
+    spec = parse_job_text(BASE_YAML + "epochs: 2e0\n")
+    assert spec["epochs"] == 2.0 and spec["steps"] is None
+
+
+@pytest.mark.parametrize("value", ["2.5", "1e-3"])
+def test_fractional_steps_are_refused_naming_the_field(value):
+    with pytest.raises(SpecError) as info:
+        parse_job_text(BASE_YAML + f"steps: {value}\n")
+    assert info.value.path == "steps"
+    assert str(info.value).startswith("steps: ")
+    assert "integer" in str(info.value)
+
+
+def test_a_word_is_still_not_a_number():
+    with pytest.raises(SpecError) as info:
+        parse_job_text(BASE_YAML + "steps: 5\noptimizer: {lr: fast}\n")
+    assert info.value.path == "optimizer.lr"
+    assert str(info.value).startswith("optimizer.lr: ")
+    assert "'fast'" in str(info.value)
+
+
+def test_pyyaml_itself_is_not_patched():
+    parse_job_text(BASE_YAML + "steps: 5e2\noptimizer: {lr: 1e-3}\n")  # the job loader has been used
+    assert yaml.safe_load("a: 1e-3") == {"a": "1e-3"}
+    assert yaml.safe_load("a: 5e2") == {"a": "5e2"}
+    assert yaml.load("a: 1e-3", Loader=yaml.SafeLoader) == {"a": "1e-3"}
+
+
+# --- protocol/jobspec.py: min_param_bytes -------------------------------------------------------
+
+
+def test_min_param_bytes_of_a_huge_mlp_is_huge():
+    spec = job(model={"kind": "mlp", "hidden": [10_000_000, 10_000_000]})
+    assert min_param_bytes(spec) >= 4e14
+
+
+def test_min_param_bytes_of_a_tiny_mlp_is_exact_for_one_feature_two_classes():
+    # one input feature, hidden 3, two classes: (1*3 + 3) + (3*2 + 2) = 14 values
+    spec = job(model={"kind": "mlp", "hidden": [3]})
+    assert min_param_bytes(spec) == 14 * 4
+
+
+MLP_MODELS = [
+    {"kind": "mlp", "hidden": [1]},
+    {"kind": "mlp", "hidden": [10]},
+    {"kind": "mlp", "hidden": [128]},
+    {"kind": "mlp", "hidden": [64, 32]},
+    {"kind": "mlp", "hidden": [7, 300, 2]},
+    {"kind": "mlp", "hidden": [16], "batchnorm": True},
+    {"kind": "mlp", "hidden": [64, 32], "batchnorm": True},
+    {"kind": "mlp", "hidden": [5], "dropout": 0.5, "batchnorm": True},
+]
+CNN_MODELS = [
+    {"kind": "cnn"},
+    {"kind": "cnn", "batchnorm": True},
+    {"kind": "cnn", "channels": [4], "hidden": [16]},
+    {"kind": "cnn", "channels": [2, 4, 8], "hidden": [8, 8]},
+    {"kind": "cnn", "channels": [2, 4, 8], "hidden": [8], "batchnorm": True},
+    {"kind": "cnn", "channels": [3, 5], "kernel": 5, "hidden": [12], "batchnorm": True},
+    {"kind": "cnn", "channels": [1], "kernel": 1, "hidden": [1]},
+]
+
+
+@pytest.mark.parametrize("model", MLP_MODELS + CNN_MODELS)
+def test_min_param_bytes_never_exceeds_the_real_size(model):
+    spec = job(model=model)
+    shape = (64,) if model["kind"] == "mlp" else (1, 8, 8)
+    real = count_values(spec["model"], shape, 10) * 4
+    bound = min_param_bytes(spec)
+    assert 0 < bound <= real
+
+
+# --- worker/nn/model.py: count_values -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", MLP_MODELS + CNN_MODELS)
+def test_count_values_is_what_build_model_allocates(model):
+    spec = job(model=model)["model"]
+    shape = (64,) if model["kind"] == "mlp" else (1, 8, 8)
+    built = build_model(spec, shape, 10, seed=0)
+    assert count_values(spec, shape, 10) == sum(int(a.size) for a in built.arrays().values())
+
+
+def test_count_values_with_other_shapes_and_classes():
+    for spec, shape, classes in [({"kind": "mlp", "hidden": [5, 6]}, (3, 4), 7),
+                                 ({"kind": "cnn", "channels": [4, 6], "hidden": [9], "batchnorm": True},
+                                  (3, 12, 10), 4),
+                                 ({"kind": "cnn", "channels": [2], "kernel": 3, "hidden": [3]}, (1, 5, 7), 2)]:
+        built = build_model(spec, shape, classes, seed=1)
+        assert count_values(spec, shape, classes) == sum(int(a.size) for a in built.arrays().values())
+
+
+def test_count_values_checks_the_spec_like_build_model():
+    with pytest.raises(ValueError, match="too small"):
+        count_values({"kind": "cnn", "channels": [2, 2, 2, 2]}, (1, 8, 8), 10)
+
+
+# --- protocol/partitions.py -----------------------------------------------------------------------
+
+
+def test_partition_key_and_index_round_trip():
+    for k in [*range(0, 50), 99, 1000, 123456789]:
+        assert partition_key(k) == f"p{k}"
+        assert partition_index(partition_key(k)) == k
+
+
+@pytest.mark.parametrize("key", ["p", "p01", "p00", "q1", "p-1", "", "P1", "p1 ", " p1", "p+1", "p1.0", "w1", "pp1"])
+def test_partition_index_refuses_other_names(key):
+    assert partition_index(key) is None
+
+
+@pytest.mark.parametrize("key", ["p\u00b2", "p\u0661"])
+def test_partition_index_refuses_non_ascii_digits(key):
+    assert partition_index(key) is None
+
+
+def test_partition_size_is_the_strided_cut():
+    for n in range(0, 41):
+        for num in range(1, 8):
+            sizes = [partition_size(n, k, num) for k in range(num)]
+            assert sizes == [len(range(k, n, num)) for k in range(num)]
+            assert sum(sizes) == n
+            assert max(sizes) - min(sizes) <= 1
+    assert partition_size(1437, 0, 2) == 719
+    assert partition_size(1437, 1, 2) == 718
+    assert partition_size(10**9 + 3, 3, 4) == len(range(3, 10**9 + 3, 4))
+
+
+@pytest.mark.parametrize("n, k, num", [(10, 0, 0), (10, -1, 2), (10, 2, 2), (10, 5, 3), (-1, 0, 1), (5, 0, -2)])
+def test_partition_size_refuses_bad_arguments(n, k, num):
+    with pytest.raises(ValueError, match="does not exist"):
+        partition_size(n, k, num)
+
+
+@pytest.mark.parametrize("examples, batch, epochs, steps", [
+    (100, 32, 1, 4), (100, 32, 3, 12), (64, 32, 2, 4), (65, 32, 2, 6), (719, 32, 2, 46), (718, 32, 2, 46),
+    (1, 32, 1, 1), (0, 32, 1, 1), (0, 32, 5, 5), (32, 32, 1, 1), (100, 32, 0.5, 2), (100, 32, 0.01, 1),
+])
+def test_epoch_steps(examples, batch, epochs, steps):
+    assert epoch_steps(examples, batch, epochs) == steps
+
+
+def test_epoch_steps_for_integer_epochs_is_epochs_times_batches():
+    for examples in range(0, 200, 7):
+        for batch in (1, 3, 16, 32, 500):
+            for epochs in (1, 2, 3, 10):
+                assert epoch_steps(examples, batch, epochs) == epochs * max(1, math.ceil(examples / batch))
+
+
+def test_steps_owed_of_a_steps_job_is_the_same_for_every_partition():
+    spec = job(steps=7, workers=3)
+    assert steps_owed(spec, 1437) == [7, 7, 7]
+    assert steps_owed(spec, 5) == [7, 7, 7]
+    assert steps_owed(spec, 1437, num=1) == [7]
+
+
+def test_steps_owed_of_an_epochs_job_counts_each_partition():
+    spec = job(epochs=2, workers=2, data={"source": "sklearn:digits", "batch_size": 32})
+    assert steps_owed(spec, 1437) == [46, 46]          # partitions of 719 and 718 examples
+    # sizes 17 and 16 with batches of 16: 2 and 1 batches per epoch
+    small = job(epochs=2, workers=2, data={"source": "sklearn:digits", "batch_size": 16})
+    assert steps_owed(small, 33) == [4, 2]
+
+
+def test_steps_owed_of_one_partition_is_the_local_trainers_count():
+    spec = job(epochs=2, workers=2, data={"source": "sklearn:digits", "batch_size": 32})
+    assert steps_owed(spec, 1437, num=1) == [90]       # 2 x ceil(1437 / 32)
+    assert total_steps(spec, 1437) == 90
+    for n in (1, 31, 32, 33, 1000):
+        assert total_steps(spec, n) == steps_owed(spec, n, num=1)[0] == 2 * math.ceil(n / 32)
+    assert total_steps(job(steps=13), 1437) == 13
+
+
+def test_schedule_length_fills_a_cosine_schedule():
+    spec = job(epochs=2, optimizer={"schedule": {"kind": "cosine"}})
+    assert spec["optimizer"]["schedule"]["total_steps"] == 0
+    before = copy.deepcopy(spec)
+    opt = schedule_length(spec, [46, 45, 47])
+    assert opt["schedule"]["total_steps"] == 47
+    assert opt["schedule"]["kind"] == "cosine"
+    assert {k: v for k, v in opt.items() if k != "schedule"} == \
+        {k: v for k, v in spec["optimizer"].items() if k != "schedule"}
+    assert spec == before                              # the input is not mutated
+    assert opt is not spec["optimizer"] and opt["schedule"] is not spec["optimizer"]["schedule"]
+
+
+def test_schedule_length_leaves_other_schedules_alone():
+    explicit = job(epochs=2, optimizer={"schedule": {"kind": "cosine", "total_steps": 500}})
+    assert schedule_length(explicit, [46, 46])["schedule"]["total_steps"] == 500
+    for kind in ("constant", "step"):
+        spec = job(epochs=2, optimizer={"schedule": {"kind": kind}})
+        opt = schedule_length(spec, [46, 46])
+        assert opt == spec["optimizer"]
+        assert opt["schedule"]["total_steps"] == 0
+    cosine = job(epochs=2, optimizer={"schedule": {"kind": "cosine"}})
+    assert schedule_length(cosine, [])["schedule"]["total_steps"] == 0
+
+
+# --- protocol/assignment.py -----------------------------------------------------------------------
+
+
+def sample_assignment(**changes) -> Assignment:
+    fields = dict(task=TRAIN, job="job-1", spec={"workers": 3}, shards=["tcp://10.0.0.1:5000", "tcp://10.0.0.2:5000"],
+                  partitions=[0, 2], num_partitions=3, steps=[5, 5, 4], init=True, plan={"num_shards": 2},
+                  nonlearned=["bn0.running_mean"], epoch=7, max_model_bytes=1 << 20)
+    fields.update(changes)
+    return Assignment(**fields)
+
+
+def test_assignment_round_trips():
+    for a in (sample_assignment(), sample_assignment(task=EVAL, partitions=[], steps=[], init=False, plan=None,
+                                                     nonlearned=[], epoch=0, max_model_bytes=0)):
+        wire = a.to_wire()
+        assert Assignment.from_wire(wire) == a
+        assert Assignment.from_wire(dict(wire)).to_wire() == wire
+
+
+def test_assignment_wire_lists_are_copies():
+    a = sample_assignment()
+    wire = a.to_wire()
+    wire["partitions"].append(1)
+    wire["shards"].append("tcp://x:1")
+    assert a.partitions == [0, 2] and len(a.shards) == 2
+
+
+def _wire(**changes):
+    wire = sample_assignment().to_wire()
+    wire.update(changes)
+    return wire
+
+
+@pytest.mark.parametrize("body, word", [
+    (None, "map"),
+    ([1, 2], "map"),
+    (_wire(task="serve"), "task"),
+    (_wire(task=None), "task"),
+    (_wire(job=3), "'job'"),
+    (_wire(spec=[]), "'spec'"),
+    (_wire(shards=[]), "shards"),
+    (_wire(shards=[""]), "shards"),
+    (_wire(shards=["tcp://a:1", 5]), "shards"),
+    (_wire(shards="tcp://a:1"), "'shards'"),
+    (_wire(partitions=[3]), "partitions"),
+    (_wire(partitions=[-1]), "partitions"),
+    (_wire(partitions=[0, 0]), "partitions"),
+    (_wire(partitions=[1.0]), "partitions"),
+    (_wire(partitions=[True]), "partitions"),
+    (_wire(partitions=None), "'partitions'"),
+    (_wire(steps=[5, 5]), "steps"),
+    (_wire(steps=[5, 5, 5, 5]), "steps"),
+    (_wire(steps=[5, 0, 5]), "steps"),
+    (_wire(steps=[5, True, 5]), "steps"),
+    (_wire(steps=[5, 2.0, 5]), "steps"),
+    (_wire(num_partitions=3.0), "'num_partitions'"),
+    (_wire(num_partitions="3"), "'num_partitions'"),
+    (_wire(num_partitions=True), "'num_partitions'"),
+    (_wire(num_partitions=0, partitions=[], steps=[]), "num_partitions"),
+    (_wire(init=1), "'init'"),
+    (_wire(plan=[1]), "plan"),
+    (_wire(nonlearned=[1]), "nonlearned"),
+    (_wire(epoch=True), "'epoch'"),
+    (_wire(epoch=1.5), "'epoch'"),
+    (_wire(max_model_bytes=False), "'max_model_bytes'"),
+    (_wire(max_model_bytes=None), "'max_model_bytes'"),
+])
+def test_assignment_from_wire_refuses(body, word):
+    with pytest.raises(ValueError) as info:
+        Assignment.from_wire(body)
+    text = str(info.value)
+    assert word in text
+    assert "\n" not in text and text.count(". ") == 0
+
+
+def test_assignment_missing_field_is_named():
+    wire = _wire()
+    del wire["epoch"]
+    with pytest.raises(ValueError, match="'epoch'"):
+        Assignment.from_wire(wire)
+
+
+# --- ps/registry.py: JobStore ---------------------------------------------------------------------
+
+
+def record(seq: int, **changes) -> JobRecord:
+    fields = dict(id=f"job-{seq}", seq=seq, name=f"name{seq}", state=QUEUED, spec=job(name=f"name{seq}"),
+                  submitted=1000.0 + seq)
+    fields.update(changes)
+    return JobRecord(**fields)
+
+
+def test_job_store_round_trips_rows(tmp_path):
+    rows = [record(1),
+            record(2, state=SUCCEEDED, started=1003.5, finished=1010.25, shards=["tcp://a:1"],
+                   tensors=[["dense0.W", [64, 128], "float32"]], nonlearned=["bn0.running_mean"],
+                   progress={"summary": {"steps_done": 10}}, result={"test_accuracy": 0.9}, error="",
+                   submission_id="sub-2", spec=job(name="name2", epochs=1.5)),
+            record(3, state="failed", error="diverged at step 3")]
+    store = JobStore(tmp_path)
+    for r in rows:
+        store.insert(r.row())
+    store.close()
+    again = JobStore(tmp_path)
+    assert again.load() == rows
+    again.close()
+
+
+def test_job_store_puts_running_jobs_back_in_the_queue(tmp_path):
+    store = JobStore(tmp_path)
+    store.insert(record(1, state=RUNNING, started=1001.0).row())
+    store.insert(record(2, state=SUCCEEDED).row())
+    loaded = store.load()
+    assert [(r.id, r.state) for r in loaded] == [("job-1", QUEUED), ("job-2", SUCCEEDED)]
+    assert loaded[0].started == 1001.0
+    store.close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        assert db.execute("SELECT id, state FROM jobs ORDER BY seq").fetchall() == \
+            [("job-1", QUEUED), ("job-2", SUCCEEDED)]
+    reopened = JobStore(tmp_path)
+    assert [r.state for r in reopened.load()] == [QUEUED, SUCCEEDED]
+    reopened.close()
+
+
+@pytest.mark.parametrize("column, value", [
+    ("spec", "{not json"),
+    ("state", "paused"),
+    ("spec", '{"model": {"kind": "rnn"}, "data": {"source": "sklearn:digits"}, "steps": 1}'),
+    ("spec", "[1, 2]"),
+    ("shards", '{"a": 1}'),
+    ("plan", '{"num_shards": "two"}'),
+])
+def test_job_store_skips_unreadable_rows(tmp_path, column, value):
+    store = JobStore(tmp_path)
+    for seq in (1, 2, 3):
+        store.insert(record(seq).row())
+    store.close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(f"UPDATE jobs SET {column} = ? WHERE id = 'job-2'", (value,))
+    store = JobStore(tmp_path)
+    assert [r.id for r in store.load()] == ["job-1", "job-3"]
+    store.close()
+
+
+def test_job_store_update_sets_known_columns_only(tmp_path):
+    store = JobStore(tmp_path)
+    store.insert(record(1).row())
+    store.update("job-1", {"bogus": 1, "error": "it broke", "result": {"steps_done": 4}, "id": "job-9"})
+    store.update("job-1", {"bogus": 2})                 # nothing known: nothing happens
+    store.update("job-1", {})
+    (loaded,) = store.load()
+    assert loaded.id == "job-1"
+    assert loaded.error == "it broke"
+    assert loaded.result == {"steps_done": 4}
+    assert loaded == record(1, error="it broke", result={"steps_done": 4})
+    store.close()
+
+
+def test_job_store_counts_incarnations(tmp_path):
+    store = JobStore(tmp_path)
+    assert [store.next_incarnation() for _ in range(3)] == [1, 2, 3]
+    store.close()
+    store = JobStore(tmp_path)
+    assert store.next_incarnation() == 4
+    store.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, name TEXT NOT NULL, state TEXT NOT NULL,
+    spec TEXT NOT NULL, tensors TEXT NOT NULL, nonlearned TEXT NOT NULL, submitted REAL NOT NULL,
+    started REAL, finished REAL, plan TEXT, shards TEXT,
+    progress TEXT NOT NULL DEFAULT '{}', result TEXT NOT NULL DEFAULT '{}', error TEXT NOT NULL DEFAULT ''
+)
+"""
+
+
+def test_job_store_migrates_a_store_without_submission_ids(tmp_path):
+    import json
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(OLD_SCHEMA)
+        db.execute("INSERT INTO jobs (id, seq, name, state, spec, tensors, nonlearned, submitted) "
+                   "VALUES ('job-1', 1, 'name1', 'queued', ?, '[]', '[]', 1001.0)", (json.dumps(job(name="name1")),))
+    db.close()
+    store = JobStore(tmp_path)
+    columns = [r["name"] for r in store.db.execute("PRAGMA table_info(jobs)")]
+    assert columns[-1] == "submission_id"
+    assert store.load() == [record(1)]
+    store.insert(record(2, submission_id="sub-2").row())
+    assert [r.submission_id for r in store.load()] == ["", "sub-2"]
+    store.close()
+    again = JobStore(tmp_path)                          # opening a migrated store again changes nothing
+    assert [r.id for r in again.load()] == ["job-1", "job-2"]
+    again.close()
+
+
+# --- ps/sched/jobs.py: Partition and JobRun -------------------------------------------------------
+
+
+def make_run(*, workers: int = 2, steps: int | None = 10, batch: int = 16, progress: dict | None = None) -> JobRun:
+    fields = {"workers": workers, "data": {"source": "sklearn:digits", "batch_size": batch}}
+    spec = job(steps=steps, **fields) if steps is not None else job(epochs=2, **fields)
+    rec = JobRecord(id="job-1", seq=1, name="job", state=RUNNING, spec=spec, submitted=0.0, progress=progress or {})
+    return JobRun(rec, ["tcp://127.0.0.1:7000"], epoch_base=0, now=0.0)
+
+
+def test_partition_examples_sums_every_segment():
+    p = Partition(0, steps=20, segments=[Segment("w1", 0, 3), Segment("w2", 3, 7), Segment("", 7, 9),
+                                         Segment("w3", 9, 9)])
+    assert p.examples(16) == 9 * 16
+    assert p.examples(1) == 9
+    assert Partition(1).examples(32) == 0
+    assert Partition(2, segments=[Segment("w", 5, 2), Segment("v", 2, 4)]).examples(10) == 20
+
+
+def test_progress_counts_only_the_holder():
+    run = make_run()
+    run.grant("w1", [0])
+    assert run.progress("w2", {0: {"from": 0, "step": 5, "loss": 1.0}}) is False
+    assert run.progress("w1", {1: {"from": 0, "step": 5}}) is False      # p1 has no holder
+    assert run.progress("w1", {7: {"from": 0, "step": 5}, -1: {"step": 2}}) is False
+    p0, p1 = run.partitions
+    assert (p0.done_steps, p0.loss, p1.done_steps) == (0, None, 0)
+    assert [s.wire() for s in p0.segments] == [{"worker": "w1", "first": 0, "last": 0}]
+    assert run.progress("w1", {0: {"from": 0, "step": 5, "loss": 1.0, "accuracy": 0.5, "max_staleness": 2}}) is True
+    assert (p0.done_steps, p0.loss, p0.accuracy, p0.max_staleness) == (5, 1.0, 0.5, 2)
+
+
+def test_progress_counts_steps_only_forward():
+    run = make_run()
+    run.grant("w1", [0])
+    p = run.partitions[0]
+    assert run.progress("w1", {0: {"from": 0, "step": 5}}) is True
+    assert run.progress("w1", {0: {"step": 3}}) is False
+    assert run.progress("w1", {0: {"step": 5}}) is False
+    assert (p.done_steps, p.segments[-1].last) == (5, 5)
+    assert run.progress("w1", {0: {"step": 6, "max_staleness": 1}}) is True
+    assert p.max_staleness == 1
+    run.progress("w1", {0: {"max_staleness": 0}})
+    assert p.max_staleness == 1                                          # the most seen, not the last
+    assert run.progress("w1", {0: {"step": 99}}) is True
+    assert p.done_steps == 10 and p.done and p.segments[-1].last == 10  # capped at the steps owed
+    assert p.examples(16) == 10 * 16
+
+
+def test_a_new_holder_reporting_beyond_the_last_report_extends_the_previous_holder():
+    run = make_run()
+    run.grant("w1", [0])
+    run.progress("w1", {0: {"from": 0, "step": 4}})
+    run.ungrant([0])                  # w1 died: where it got to is not known
+    run.grant("w2", [0])
+    p = run.partitions[0]
+    assert [s.wire() for s in p.segments] == [{"worker": "w1", "first": 0, "last": 4},
+                                              {"worker": "w2", "first": 4, "last": 4}]
+    assert run.progress("w2", {0: {"from": 7, "step": 8}}) is True
+    assert [s.wire() for s in p.segments] == [{"worker": "w1", "first": 0, "last": 7},
+                                              {"worker": "w2", "first": 7, "last": 8}]
+    assert p.done_steps == 8
+    assert p.examples(16) == 8 * 16
+    # the start is read once: a later "from" changes nothing
+    run.progress("w2", {0: {"from": 9}})
+    assert p.segments[-1].wire() == {"worker": "w2", "first": 7, "last": 8}
+
+
+def test_a_gap_before_the_first_report_is_recorded_unattributed():
+    run = make_run()
+    run.grant("w1", [1])
+    assert run.progress("w1", {1: {"from": 3, "step": 4}}) is True
+    p = run.partitions[1]
+    assert [s.wire() for s in p.segments] == [{"worker": "", "first": 0, "last": 3},
+                                              {"worker": "w1", "first": 3, "last": 4}]
+    assert p.done_steps == 4 and p.examples(16) == 4 * 16
+
+
+def test_ungrant_with_the_step_reached_extends_the_holder():
+    run = make_run()
+    run.grant("w1", [0, 1])
+    run.progress("w1", {0: {"from": 0, "step": 4}, 1: {"from": 0, "step": 2}})
+    epoch = run.epoch
+    run.ungrant([0, 1], reached={0: 6})
+    p0, p1 = run.partitions
+    assert (p0.done_steps, p0.segments[-1].last, p0.holder) == (6, 6, None)
+    assert (p1.done_steps, p1.segments[-1].last, p1.holder) == (2, 2, None)
+    assert run.epoch == epoch + 1
+
+
+def test_summary_figures():
+    run = make_run(workers=3, batch=16)
+    run.grant("w1", [0])
+    run.grant("w2", [1])
+    run.progress("w1", {0: {"from": 0, "step": 7, "loss": 2.0, "accuracy": 0.25}})
+    run.progress("w2", {1: {"from": 0, "step": 3, "loss": 1.0, "accuracy": 0.75, "max_staleness": 4}})
+    run.train_started, run.train_ended = 10.0, 14.0
+    s = run.summary(100.0)
+    assert s["steps_done"] == 10
+    assert s["steps_asked"] == 30
+    assert s["slowest"] == {"partition": 2, "steps_done": 0, "steps": 10}
+    assert s["examples"] == 10 * 16
+    assert s["train_s"] == 4.0
+    assert s["examples_per_s"] == 40.0
+    assert s["loss"] == 1.5 and s["accuracy"] == 0.5
+    assert (s["workers"], s["partitions"], s["max_staleness"], s["stopping"]) == (2, 3, 4, False)
+    assert s["epoch"] == run.epoch == 2
+    run.train_ended = None
+    assert run.summary(20.0)["train_s"] == 10.0
+    assert run.summary(20.0)["examples_per_s"] == 16.0
+
+
+def test_summary_slowest_and_untimed_training():
+    run = make_run(workers=2)
+    run.grant("w1", [0, 1])
+    run.progress("w1", {0: {"from": 0, "step": 6}, 1: {"from": 0, "step": 2}})
+    s = run.summary(5.0)
+    assert s["slowest"] == {"partition": 1, "steps_done": 2, "steps": 10}
+    assert s["train_s"] == 0.0 and s["examples_per_s"] == 0.0        # training never started
+    assert s["workers"] == 1
+
+
+def test_summary_of_an_epochs_job_before_the_data_is_measured():
+    run = make_run(steps=None)
+    s = run.summary(0.0)
+    assert s["steps_asked"] is None
+    assert s["steps_done"] == 0
+    assert s["slowest"] == {"partition": 0, "steps_done": 0, "steps": None}
+
+
+def test_members_lists_partitions_with_steps_left():
+    run = make_run(workers=3)
+    run.grant("w1", [0])
+    run.grant("w2", [1])
+    run.progress("w1", {0: {"from": 0, "step": 10}})                   # p0 is done
+    clocks, holders = run.members()
+    assert clocks == {"p1": -1, "p2": -1}
+    assert holders == {"p1": "w2", "p2": ""}
+    run.stopping = True
+    assert run.members() == ({}, {})
+
+
+def test_result_final_loss_is_the_mean_over_partitions_with_a_loss():
+    run = make_run(workers=3)
+    assert run.result(1.0)["final_loss"] is None
+    run.grant("w1", [0, 1])
+    run.progress("w1", {0: {"from": 0, "step": 2, "loss": 2.0}, 1: {"from": 0, "step": 1, "loss": 1.0}})
+    run.train_started, run.train_ended = 0.0, 2.0
+    res = run.result(8.0)
+    assert res["final_loss"] == 1.5
+    assert (res["steps_done"], res["steps_asked"], res["examples"]) == (3, 30, 3 * 16)
+    assert res["examples_per_s"] == 24.0
+    assert res["wall_s"] == 8.0
+    assert res["stopped_by"] == "steps"
+    assert [p["steps_done"] for p in res["partitions"]] == [2, 1, 0]
+
+
+def test_progress_record_restores_into_a_new_run():
+    run = make_run()
+    run.grant("w1", [0])
+    run.progress("w1", {0: {"from": 2, "step": 5}})
+    saved = run.progress_record(3.0)
+    again = make_run(progress=saved)
+    assert [p.done_steps for p in again.partitions] == [5, 0]
+    assert [s.wire() for s in again.partitions[0].segments] == [s.wire() for s in run.partitions[0].segments]
+    assert again.examples() == run.examples() == 5 * 16
+
+
+# --- worker/step.py: partitions_step --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    train, _ = load_dataset(DIGITS, seed=0)
+    return train
+
+
+def batches_of(train, parts, num):
+    return {k: worker_batches(train, k=k, num=num, batch_size=16, seed=0) for k in parts}
+
+
+def model_for(train, **model):
+    spec = job(model={"kind": "mlp", "hidden": [32], **model})["model"]
+    return build_model(spec, train.input_shape, train.num_classes, seed=0)
+
+
+def one_partition(model, batch, step, micro):
+    """(grads, stat deltas, loss) of one partition's step alone, statistics restored afterwards."""
+    before = {k: v.copy() for k, v in model.stats.items()}
+    x, y = batch.batch(step)
+    loss, _ = accumulate_gradients(model, x, y, micro)
+    grads = {k: g.copy() for k, g in model.grads.items()}
+    deltas = {k: d.copy() for k, d in model.stat_deltas().items()}
+    for k, v in model.stats.items():
+        v[...] = before[k]
+    return grads, deltas, float(loss)
+
+
+@pytest.mark.parametrize("batchnorm, micro", [(False, 1), (False, 2), (True, 1), (True, 4)])
+def test_step_gradient_is_the_mean_of_each_partitions_gradient(digits, batchnorm, micro):
+    model = model_for(digits, batchnorm=batchnorm)
+    b = batches_of(digits, (0, 1), 2)
+    ref = [one_partition(model, b[k], 3, micro) for k in (0, 1)]
+    stats_before = {k: v.copy() for k, v in model.stats.items()}
+    params_before = {k: v.copy() for k, v in model.params.items()}
+    res = partitions_step(model, b, 3, micro_batches=micro, clip_norm=0.0, seed=0)
+    assert set(res.grads) == set(model.params)
+    for name in model.params:
+        np.testing.assert_allclose(res.grads[name], (ref[0][0][name] + ref[1][0][name]) / 2, rtol=1e-6, atol=1e-6)
+    assert res.norm == -1.0
+    assert res.losses == pytest.approx({0: ref[0][2], 1: ref[1][2]}, abs=1e-6)
+    assert set(res.accuracies) == {0, 1}
+    assert res.examples == 32
+    for name, v in model.params.items():
+        assert np.array_equal(v, params_before[name])
+    for name, v in model.stats.items():                 # running statistics back where they were
+        assert np.array_equal(v, stats_before[name])
+    if batchnorm:
+        assert set(res.deltas) == set(model.stats) and model.stats
+        for name in model.stats:
+            mean = (ref[0][1][name] + ref[1][1][name]) / 2
+            assert np.abs(mean).max() > 0
+            np.testing.assert_allclose(res.deltas[name], mean, rtol=1e-6, atol=1e-6)
+    else:
+        assert res.deltas == {}
+
+
+def test_step_clips_each_partition_by_its_own_norm(digits):
+    model = model_for(digits)
+    b = batches_of(digits, (0, 1), 2)
+    ref = [one_partition(model, b[k], 0, 1)[0] for k in (0, 1)]
+    norms = [global_norm(g) for g in ref]
+    clip = 0.5 * min(norms)
+    assert clip > 0
+    res = partitions_step(model, b, 0, micro_batches=1, clip_norm=clip, seed=0)
+    assert res.norm == -1.0
+    for name in model.params:
+        want = (ref[0][name] * (clip / norms[0]) + ref[1][name] * (clip / norms[1])) / 2
+        np.testing.assert_allclose(res.grads[name], want, rtol=1e-5, atol=1e-7)
+    unclipped = partitions_step(model, b, 0, micro_batches=1, clip_norm=0.0, seed=0)
+    assert global_norm(unclipped.grads) > global_norm(res.grads)
+
+
+def test_step_clipping_leaves_small_gradients_alone(digits):
+    model = model_for(digits)
+    b = batches_of(digits, (0, 1), 2)
+    ref = [one_partition(model, b[k], 0, 1)[0] for k in (0, 1)]
+    big = 10 * max(global_norm(g) for g in ref)
+    res = partitions_step(model, b, 0, micro_batches=1, clip_norm=big, seed=0)
+    for name in model.params:
+        np.testing.assert_allclose(res.grads[name], (ref[0][name] + ref[1][name]) / 2, rtol=1e-6, atol=1e-6)
+    assert res.norm == -1.0
+
+
+def test_step_with_one_partition_carries_the_global_norm(digits):
+    model = model_for(digits, batchnorm=True)
+    b = batches_of(digits, (1,), 3)
+    ref, deltas, loss = one_partition(model, b[1], 2, 1)
+    res = partitions_step(model, b, 2, micro_batches=1, clip_norm=0.5, seed=0)
+    assert res.norm == pytest.approx(global_norm(ref), rel=1e-6)
+    assert res.norm == global_norm(res.grads)
+    assert res.norm > 0.5                              # not clipped here: the shards clip by this norm
+    for name in model.params:
+        np.testing.assert_allclose(res.grads[name], ref[name], rtol=1e-6, atol=1e-7)
+    for name in model.stats:
+        np.testing.assert_allclose(res.deltas[name], deltas[name], rtol=1e-6, atol=1e-7)
+    assert list(res.losses) == [1] and res.losses[1] == pytest.approx(loss, abs=1e-6)
+    assert res.examples == 16
+
+
+def test_step_raises_diverged_naming_step_partition_and_value(digits):
+    model = model_for(digits)
+    model.params["dense0.W"][0, 0] = np.nan
+    b = batches_of(digits, (1, 2), 3)
+    with pytest.raises(Diverged) as info:
+        partitions_step(model, b, 5, micro_batches=1, clip_norm=0.0, seed=0)
+    text = str(info.value)
+    assert "step 5" in text
+    assert "partition 1" in text
+    assert "nan" in text
+    assert isinstance(info.value, ArithmeticError)
+
+
+def test_dropout_masks_depend_only_on_seed_partition_and_step(digits):
+    b = batches_of(digits, (0, 1), 2)
+    fresh = model_for(digits, dropout=0.5)
+    res = partitions_step(fresh, b, 3, micro_batches=1, clip_norm=0.0, seed=11)
+    first = {k: g.copy() for k, g in res.grads.items()}
+    other = model_for(digits, dropout=0.5)
+    partitions_step(other, b, 1, micro_batches=1, clip_norm=0.0, seed=11)  # draws masks for another step first
+    again = partitions_step(other, b, 3, micro_batches=1, clip_norm=0.0, seed=11)
+    for name in first:
+        assert np.array_equal(again.grads[name], first[name])
+    different = partitions_step(model_for(digits, dropout=0.5), b, 3, micro_batches=1, clip_norm=0.0, seed=12)
+    assert any(not np.array_equal(different.grads[name], first[name]) for name in first)
+
+
+def test_dropout_seed_differs_by_seed_partition_and_step():
+    seeds = {dropout_seed(s, p, t) for s in (0, 1) for p in (0, 1, 2) for t in (0, 1, 2)}
+    assert len(seeds) == 18
+    assert dropout_seed(3, 1, 4) == dropout_seed(3, 1, 4)

@@ -1,0 +1,224 @@
+"""Partitions, not workers, are the unit of work: real processes on loopback.
+
+A BSP job of 3 data partitions on 2 shards ends with the same parameters
+whatever its workers do: (a) one worker waiting at submit and two joining
+while the job runs, (b) only two workers for the whole job, (c) three
+workers, one killed with kill -9 mid-job and no spare. In each, every
+partition reports all its steps, and the exported parameters equal those
+of the same job whose three workers were all waiting at submit (float32
+tolerance: only the order of the floating-point sums differs), with plain
+SGD and with Adam.
+
+Also: `epochs:` means passes over each partition's own data, as
+`train-local` counts them; a diverging job fails at once and the queue
+moves on; a model too large is refused at submit; a retried submit does
+not make a second job.
+"""
+from __future__ import annotations
+
+import json
+import signal
+
+import numpy as np
+import pytest
+
+from tests.procs import run_psctl
+from tests.test_jobs import job_file, psctl_json, status, wait_until
+
+STEPS = 300
+PARTITIONS = 3
+# Slowed compute keeps the job running for seconds, so joins and kills land mid-job.
+SLOW = ("--slowdown", "8")
+HEARTBEAT_TIMEOUT = "2"
+# Relative difference per tensor allowed between two BSP runs of one job:
+# float32 sums taken in another order, over STEPS steps (measured: 1e-7 to 5e-7).
+TOLERANCE = 1e-5
+
+OPTIMIZERS = {"sgd": {"kind": "sgd", "lr": 0.1}, "adam": {"kind": "adam", "lr": 0.003}}
+
+
+def bsp_job(tmp_path, optimizer: str) -> str:
+    return job_file(tmp_path, f"bsp-{optimizer}.yaml", name=f"bsp-{optimizer}", workers=PARTITIONS, steps=STEPS,
+                    seed=5, eval_every=100, partition_bytes=2048,
+                    model={"kind": "mlp", "hidden": [32]}, data={"source": "sklearn:digits", "batch_size": 16},
+                    optimizer=OPTIMIZERS[optimizer], consistency={"policy": "bsp"})
+
+
+def cluster(procs, tmp_path, *, shards: int = 2) -> str:
+    sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
+    addr = sched.ready["addr"]
+    for k in range(shards):
+        procs.server(k, "--scheduler", addr)
+    wait_until(lambda: len(status(addr)["servers"]) == shards, what="the shards registered")
+    return addr
+
+
+def workers(procs, addr: str, count: int, *extra: str) -> list:
+    started = [procs.start("worker", "--scheduler", addr, *extra) for _ in range(count)]
+    ids = {w.ready["worker"] for w in started}
+    wait_until(lambda: ids <= {w["worker"] for w in status(addr)["workers"]}, what="the workers registered")
+    return started
+
+
+def exported(addr: str, job: str, path) -> dict[str, np.ndarray]:
+    result = run_psctl("export", job, "-o", str(path), "--scheduler", addr)
+    assert result.returncode == 0, result.stderr
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def rel_diffs(got: dict, want: dict) -> dict[str, float]:
+    assert sorted(got) == sorted(want)
+    return {k: float(np.linalg.norm(got[k].astype(np.float64) - want[k]) / np.linalg.norm(want[k].astype(np.float64)))
+            for k in want}
+
+
+def finished(addr: str, job: str) -> dict:
+    wait_until(lambda: status(addr, job)["state"] in ("succeeded", "failed", "cancelled"), what=f"{job} ended")
+    body = status(addr, job)
+    assert body["state"] == "succeeded", (body["state"], body.get("error"))
+    parts = body["result"]["partitions"]
+    assert [p["steps_done"] for p in parts] == [STEPS] * PARTITIONS, parts
+    assert [p["examples"] for p in parts] == [STEPS * 16] * PARTITIONS
+    assert body["result"]["steps_done"] == body["result"]["steps_asked"] == STEPS * PARTITIONS
+    return body
+
+
+def trained_by(part: dict) -> list[str]:
+    return [h["worker"] for h in part["holders"] if h["last"] > h["first"]]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Each optimizer's job run with all three workers waiting at submit: (parameters, result)."""
+    from tests.procs import ProcGroup
+
+    out = {}
+    group = ProcGroup()
+    try:
+        for opt in OPTIMIZERS:
+            tmp = tmp_path_factory.mktemp(f"ref-{opt}")
+            addr = cluster(group, tmp)
+            workers(group, addr, PARTITIONS)
+            job = psctl_json("submit", bsp_job(tmp, opt), "--scheduler", addr)["job"]
+            body = finished(addr, job)
+            assert all(len(trained_by(p)) == 1 for p in body["result"]["partitions"])
+            out[opt] = exported(addr, job, tmp / "ref.npz")
+            group.reap()
+    finally:
+        group.reap()
+    return out
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_bsp_with_workers_joining_mid_job_equals_three_waiting_workers(procs, tmp_path, references, opt):
+    addr = cluster(procs, tmp_path)
+    workers(procs, addr, 1, *SLOW)
+    job = psctl_json("submit", bsp_job(tmp_path, opt), "--scheduler", addr)["job"]
+    wait_until(lambda: status(addr, job)["progress"].get("steps_done", 0) >= PARTITIONS * 40, what="one worker training")
+    assert status(addr, job)["progress"]["workers"] == 1  # it holds all three partitions
+    workers(procs, addr, 2, *SLOW)
+    body = finished(addr, job)
+    parts = body["result"]["partitions"]
+    assert all(trained_by(p)[0] == trained_by(parts[0])[0] for p in parts)  # the first worker started them all
+    assert len({w for p in parts for w in trained_by(p)}) == 3                # then the joiners took some
+    diffs = rel_diffs(exported(addr, job, tmp_path / "p.npz"), references[opt])
+    assert max(diffs.values()) < TOLERANCE, diffs
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_bsp_with_two_workers_for_three_partitions_equals_three_workers(procs, tmp_path, references, opt):
+    addr = cluster(procs, tmp_path)
+    workers(procs, addr, 2)
+    job = psctl_json("submit", bsp_job(tmp_path, opt), "--scheduler", addr)["job"]
+    body = finished(addr, job)
+    holders = [trained_by(p) for p in body["result"]["partitions"]]
+    assert all(len(h) == 1 for h in holders) and len({h[0] for h in holders}) == 2, holders
+    diffs = rel_diffs(exported(addr, job, tmp_path / "p.npz"), references[opt])
+    assert max(diffs.values()) < TOLERANCE, diffs
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_bsp_with_a_worker_killed_and_no_spare_equals_three_workers(procs, tmp_path, references, opt):
+    addr = cluster(procs, tmp_path)
+    started = workers(procs, addr, PARTITIONS, *SLOW)
+    job = psctl_json("submit", bsp_job(tmp_path, opt), "--scheduler", addr)["job"]
+    wait_until(lambda: status(addr, job)["progress"].get("steps_done", 0) >= PARTITIONS * 60, what="training under way")
+    before = status(addr, job)
+    victim_id = before["partitions"][1]["holder"]
+    victim = next(w for w in started if w.ready["worker"] == victim_id)
+    victim.signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    assert status(addr, job)["progress"]["steps_done"] < STEPS * PARTITIONS, "the job ended before the kill"
+    body = finished(addr, job)
+    taken = body["result"]["partitions"][1]
+    assert trained_by(taken)[0] == victim_id and len(trained_by(taken)) == 2  # a survivor finished it
+    assert trained_by(taken)[1] in {w.ready["worker"] for w in started} - {victim_id}
+    diffs = rel_diffs(exported(addr, job, tmp_path / "p.npz"), references[opt])
+    assert max(diffs.values()) < TOLERANCE, diffs
+
+
+def test_epochs_are_passes_over_each_partitions_data_as_train_local_counts_them(procs, tmp_path):
+    path = job_file(tmp_path, name="epochs", workers=2, steps=None, epochs=2, eval_every=0,
+                    optimizer={"kind": "momentum", "lr": 0.05, "momentum": 0.9,
+                               "schedule": {"kind": "cosine"}})
+    local = json.loads(run_psctl("train-local", path, "--json", "--quiet").stdout)
+    addr = cluster(procs, tmp_path, shards=1)
+    workers(procs, addr, 2)
+    summary = psctl_json("submit", path, "--scheduler", addr, "--wait")
+    assert summary["status"] == "succeeded", summary
+    train_size = 1437  # 80% of the 1,797 digits
+    sizes = [len(range(k, train_size, 2)) for k in range(2)]
+    owed = [2 * -(-n // 32) for n in sizes]  # 2 x ceil(examples / batch)
+    assert [p["steps_done"] for p in summary["partitions"]] == [p["steps"] for p in summary["partitions"]] == owed
+    assert summary["examples"] == sum(owed) * 32
+    # Two passes over the training set, as train-local makes them (each pass tops its last batch up).
+    assert abs(summary["examples"] - local["steps"] * 32) <= 2 * 2 * 32
+    assert abs(summary["test_accuracy"] - local["test_accuracy"]) <= 0.02, (summary["test_accuracy"], local)
+
+
+def test_a_diverging_job_fails_at_once_and_the_next_one_runs(procs, tmp_path):
+    addr = cluster(procs, tmp_path, shards=1)
+    workers(procs, addr, 2)
+    bad = psctl_json("submit", job_file(tmp_path, "bad.yaml", name="diverge", optimizer={"kind": "sgd", "lr": 1e12}),
+                     "--scheduler", addr)["job"]
+    good = psctl_json("submit", job_file(tmp_path, "good.yaml", name="after", steps=60), "--scheduler", addr)["job"]
+    wait_until(lambda: status(addr, bad)["state"] != "running" and status(addr, bad)["state"] != "queued",
+               timeout=30, what="the diverging job failed within 30 s")
+    failed = status(addr, bad)
+    assert failed["state"] == "failed" and "diverged at step" in failed["error"], failed["error"]
+    assert "nan" in failed["error"] or "inf" in failed["error"]
+    wait_until(lambda: status(addr, good)["state"] == "succeeded", what="the next job succeeded on the same workers")
+
+
+def test_a_model_too_large_is_refused_at_submit_and_a_worker_survives_one_that_does_not_fit(procs, tmp_path):
+    sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--max-model-bytes", "64MiB")
+    addr = sched.ready["addr"]
+    procs.server(0, "--scheduler", addr)
+    workers(procs, addr, 1)
+    huge = job_file(tmp_path, "huge.yaml", name="huge", model={"kind": "mlp", "hidden": [10000000, 10000000]})
+    result = run_psctl("submit", huge, "--scheduler", addr)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--max-model-bytes" in result.stderr and "400,000,200,000,008 bytes" in result.stderr, result.stderr
+    # Under the bound the spec alone gives, over the limit once the input layer is known (64 inputs x
+    # 300,000 hidden, 90 MB): the worker refuses it before allocating anything, and takes the next job.
+    wide = job_file(tmp_path, "wide.yaml", name="wide", workers=1, model={"kind": "mlp", "hidden": [300_000]})
+    job = psctl_json("submit", wide, "--scheduler", addr)["job"]
+    nxt = psctl_json("submit", job_file(tmp_path, "next.yaml", name="next", workers=1, steps=40),
+                     "--scheduler", addr)["job"]
+    wait_until(lambda: status(addr, job)["state"] == "failed", what="the too-large job failed")
+    assert "over the scheduler's limit" in status(addr, job)["error"]
+    wait_until(lambda: status(addr, nxt)["state"] == "succeeded", what="the next job succeeded")
+    assert psctl_json("list", "--scheduler", addr)["jobs"][0]["id"] == nxt
+
+
+def test_a_retried_submit_returns_the_same_job(procs, tmp_path):
+    addr = procs.start("scheduler", "--state-dir", str(tmp_path / "s")).ready["addr"]
+    path = job_file(tmp_path)
+    first = psctl_json("submit", path, "--scheduler", addr, "--submission-id", "nightly-42")["job"]
+    again = psctl_json("submit", path, "--scheduler", addr, "--submission-id", "nightly-42")["job"]
+    other = psctl_json("submit", path, "--scheduler", addr)["job"]
+    assert first == again != other
+    assert sorted(j["id"] for j in psctl_json("list", "--scheduler", addr)["jobs"]) == sorted([first, other])
+    bad = run_psctl("submit", path, "--scheduler", addr, "--submission-id", "x" * 200)
+    assert bad.returncode == 2 and "--submission-id" in bad.stderr and "Traceback" not in bad.stderr

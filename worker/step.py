@@ -1,0 +1,119 @@
+"""One training step of several data partitions on one model: what a worker pushes.
+
+A worker that holds k partitions computes, for step t, each partition's
+minibatch gradient from the same parameters and pushes their mean as one
+step of each partition (the push counts k times in a BSP barrier), so a
+job's arithmetic does not depend on how many workers share its
+partitions. Each partition's gradient is exactly what a worker of its own
+would compute:
+
+- its batch is `worker_batches(k, N).batch(t)`, a pure function of
+  (partition, step);
+- its dropout masks are drawn from a stream seeded by (job seed,
+  partition, step), so a partition that changes hands draws the same masks;
+- BatchNorm running statistics start from the pulled values for every
+  partition, and their changes are averaged like the gradients;
+- with gradient clipping on and k > 1, each partition's gradient is clipped
+  by its own global norm here, with the formula the shards use
+  (ps/optim.py, `clip_scale`), and the mean goes out with norm -1 (no more
+  clipping); with one partition the norm goes to the shards, as always.
+
+Every loss and gradient norm is checked before anything is pushed: a
+non-finite one raises Diverged naming the step, the partition and the value.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from worker.trainer import accumulate_gradients, global_norm
+
+# Stream id of per-(partition, step) dropout masks under the job seed.
+_DROPOUT_STEP_STREAM = 2
+
+
+class Diverged(ArithmeticError):
+    """A loss or gradient that is not finite; the message names the step, partition and value."""
+
+
+@dataclass
+class StepResult:
+    """The step's gradient (the model's grads, or a buffer) and what each partition measured."""
+
+    grads: dict[str, Any]        # mean gradient of the learned tensors
+    deltas: dict[str, Any]       # mean change of the running statistics (nonlearned tensors)
+    norm: float                  # what the push carries as its norm (-1: no clipping by the shards)
+    losses: dict[int, float]
+    accuracies: dict[int, float]
+    examples: int
+
+
+def clip_scale(clip_norm: float, norm: float) -> float:
+    """min(1, clip_norm / norm) when clipping is on: the shards' formula (ps/optim.py)."""
+    if clip_norm > 0 and norm > clip_norm:
+        return clip_norm / norm
+    return 1.0
+
+
+def dropout_seed(seed: int, partition: int, step: int) -> int:
+    """The dropout stream of one partition's step: the same whoever computes it."""
+    return int(np.random.SeedSequence([seed, _DROPOUT_STEP_STREAM, partition, step]).generate_state(1)[0])
+
+
+def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batches: int, clip_norm: float,
+                    seed: int, xp: Any = np) -> StepResult:
+    """Gradients of step `step` of every partition in `batches` (partition -> Batches), averaged.
+
+    Raises Diverged before returning anything that is not finite.
+    """
+    parts = sorted(batches)
+    k = len(parts)
+    stats = model.stats
+    before = {name: v.copy() for name, v in stats.items()} if stats else {}
+    delta_sum: dict[str, Any] = {}
+    grad_sum: dict[str, Any] | None = None
+    clip_each = clip_norm > 0 and k > 1
+    losses, accs = {}, {}
+    examples = 0
+    for i, p in enumerate(parts):
+        x, y = batches[p].batch(step)
+        examples += len(x)
+        if model.has_dropout:
+            model.seed_dropout(dropout_seed(seed, p, step))
+        if i > 0:
+            for name, v in stats.items():   # every partition normalises from the pulled statistics
+                v[...] = before[name]
+        accumulate = i > 0 and not clip_each
+        loss, acc = accumulate_gradients(model, xp.asarray(x), xp.asarray(y), micro_batches,
+                                         accumulate=accumulate, scale=1.0 if clip_each else 1.0 / k)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise Diverged(f"diverged at step {step} (partition {p}): loss {loss}")
+        losses[p], accs[p] = loss, float(acc)
+        if stats:
+            for name, d in model.stat_deltas().items():
+                delta_sum[name] = d if name not in delta_sum else delta_sum[name] + d
+        if clip_each:
+            norm = global_norm(model.grads)
+            if not math.isfinite(norm):
+                raise Diverged(f"diverged at step {step} (partition {p}): gradient norm {norm}")
+            factor = clip_scale(clip_norm, norm) / k
+            if grad_sum is None:
+                grad_sum = {name: g * factor for name, g in model.grads.items()}
+            else:
+                for name, g in model.grads.items():
+                    grad_sum[name] += g * factor
+    if stats:
+        for name, v in stats.items():
+            v[...] = before[name]       # the pushed mean change is what the shards add
+    grads = grad_sum if grad_sum is not None else dict(model.grads)
+    deltas = {name: d / k for name, d in delta_sum.items()} if k > 1 else delta_sum
+    norm = global_norm(grads)
+    if not math.isfinite(norm):
+        raise Diverged(f"diverged at step {step} (partitions {', '.join(map(str, parts))}): gradient norm {norm}")
+    return StepResult(grads=grads, deltas=deltas, norm=norm if k == 1 else -1.0, losses=losses, accuracies=accs,
+                      examples=examples)
