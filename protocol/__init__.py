@@ -1,6 +1,6 @@
 """The wire protocol of pscluster: message kinds, codec, validation, plan.
 
-Nothing in this package touches a socket or a thread (STYLE.md, habit 1):
+Nothing in this package touches a socket or a thread (tests/test_layout.py checks):
 bytes in, messages out; messages in, frames out. Both `ps/` (servers,
 scheduler) and `worker/` import it; it imports neither.
 """

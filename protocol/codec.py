@@ -5,7 +5,7 @@ buffer per payload array that points at the array's own memory (no copy;
 the caller sends them with `copy=False` and must not modify the arrays
 until the send is done).
 
-`decode(frames)` checks everything before anything is used (DESIGN.md,
+`decode(frames)` checks everything before anything is used (README.md,
 "Wire protocol"): size, header encoding, version, op, the type of every
 header field, clock range, payload dtypes against an allow-list, the
 number of payload frames, and each frame's length against count x itemsize.

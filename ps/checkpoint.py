@@ -1,8 +1,8 @@
 """Shard checkpoints: parameters, optimizer state and clock table of one job.
 
 A checkpoint is one `.npz` file written to a temporary name, fsync'd, then
-renamed over its final name and the directory fsync'd (DESIGN.md,
-"Durability and faults"): a crash leaves either the old checkpoint or the
+renamed over its final name and the directory fsync'd (README.md,
+"Durability"): a crash leaves either the old checkpoint or the
 new one, never half of one. Only files named `ckpt-<version>.npz` are
 loaded; a temporary file is never one of them. No pickles: metadata is
 JSON stored as a byte array.

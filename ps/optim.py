@@ -1,5 +1,5 @@
 """Server-side optimizers: update rules and learning-rate schedules, apart
-from parameter storage (STYLE.md, habit 6).
+from parameter storage (the shard owns the arrays, ps/table.py).
 
 The shard owns the arrays and calls `optimizer.step(param, grad, state)` on
 each slice it holds; the single-process reference trainer calls the same

@@ -4,8 +4,8 @@ A shard keeps one Policy per job and feeds it events: a push, a pull, a new
 membership. Each event returns the list of actions the shard performs, in
 order: first the event's own action (Apply / Accumulate / Answer / Park /
 Refuse), then a completed barrier (ApplyMean), then parked pulls that may now
-go (Release). The policy holds no sockets, clocks or threads (STYLE.md,
-habit 5); `push` / `pull` tokens are opaque, hashable objects the shard
+go (Release). The policy holds no sockets, clocks or threads, so tests
+compare action lists; `push` / `pull` tokens are opaque, hashable objects the shard
 supplies and gets back in the actions.
 
 Clocks: a worker's clock is the number of steps it has completed. A push for
@@ -240,13 +240,7 @@ class Policy:
         stay = {w: c for w, c in before.items() if w in workers}
         self.clocks = {w: stay[w] if w in stay else self._start_clock(int(start), stay, before)
                        for w, start in workers.items()}
-        self.holders = {k: str(h) for k, h in (holders or {}).items() if k in self.clocks}
-        held: dict[str, set] = {}
-        for key in self.clocks:
-            holder = self.holders.get(key, key)
-            if holder:
-                held.setdefault(holder, set()).add(key)
-        self._held = {w: frozenset(ks) for w, ks in held.items()}
+        self._set_holders(holders or {})
         self.epoch = epoch
         actions: list = []
         for token, (worker, clock) in list(self._parked.items()):
@@ -274,6 +268,16 @@ class Policy:
     def min_clock(self) -> int | None:
         """The slowest live clock (None when no worker is live)."""
         return min(self.clocks.values(), default=None)
+
+    def _set_holders(self, holders: Mapping[str, str]) -> None:
+        """Who holds each member now (members absent from `holders` hold themselves)."""
+        self.holders = {str(k): str(h) for k, h in holders.items() if k in self.clocks}
+        held: dict[str, set] = {}
+        for key in self.clocks:
+            holder = self.holders.get(key, key)
+            if holder:
+                held.setdefault(holder, set()).add(key)
+        self._held = {w: frozenset(ks) for w, ks in held.items()}
 
     def _self_blocked(self, worker: str, clock: int):
         """A refusal maker when a pull at `clock` would wait for a step only `worker` itself can push.
@@ -317,13 +321,7 @@ class Policy:
             policy.version = int(state["version"])
             policy.epoch = int(state["epoch"])
             policy.clocks = {str(w): int(c) for w, c in state["clocks"].items()}
-            policy.holders = {str(k): str(h) for k, h in state.get("holders", {}).items() if k in policy.clocks}
-            held: dict[str, set] = {}
-            for key in policy.clocks:
-                holder = policy.holders.get(key, key)
-                if holder:
-                    held.setdefault(holder, set()).add(key)
-            policy._held = {w: frozenset(ks) for w, ks in held.items()}
+            policy._set_holders(state.get("holders", {}))
             policy.pending = int(state.get("pending", 0))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"policy state: cannot read it ({type(exc).__name__}: {exc})") from None

@@ -3,10 +3,10 @@
 Holds, for every job, its slices of every parameter tensor, their optimizer
 state and the job's clock table (via the job's consistency policy). Every
 message is decoded and validated before use; a bad one is answered with an
-`error` reply, counted, and the shard goes on serving (DESIGN.md, "Wire
+`error` reply, counted, and the shard goes on serving (README.md, "Wire
 protocol"). Single-threaded: no locks; the metrics exporter only reads.
 
-Requests are safe to repeat (STYLE.md, habit 8): a push is identified by
+Requests are safe to repeat: a push is identified by
 (job, worker, rid); a repeated one is answered from the last reply instead
 of being applied twice, and a repeated parked pull takes over the old one's
 place with the new socket's identity.
@@ -22,9 +22,9 @@ import zmq
 
 from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.jobspec import MAX_WORKERS
 from protocol.messages import Heartbeat, Message, Ok, PushPull, Register
 from protocol.metrics import Registry
-from protocol.jobspec import MAX_WORKERS
 from protocol.partitions import partition_key
 from protocol.plan import Plan
 from protocol.validate import check_job_id, check_payload, check_sids
@@ -123,7 +123,7 @@ class Shard(RouterDaemon):
             self.sched_sock = None
 
     def tick(self, now: float) -> None:
-        """Periodic work: heartbeats to the scheduler. Time is passed in (STYLE.md, habit 9)."""
+        """Periodic work: heartbeats to the scheduler. Time is passed in, so tests move it by hand."""
         if self.sched_sock is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
             self._send_scheduler(Heartbeat(role="server", state=self._heartbeat_state()))

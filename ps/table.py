@@ -1,10 +1,10 @@
 """One job's parameter slices on one shard, with their optimizer state.
 
 The table owns the arrays; the optimizer only does math on them
-(STYLE.md, habit 6); the consistency policy decides when (ps/policy.py).
+(ps/optim.py); the consistency policy decides when (ps/policy.py).
 
 Zero-copy replies point at these arrays while ZeroMQ's I/O thread may still
-be reading them after `send` returns (DESIGN.md, "Wire protocol"). Every
+be reading them after `send` returns (README.md, "Wire protocol"). Every
 reply's trackers are recorded per slice; before a slice is updated, a
 still-pending tracker makes the table copy the slice first (copy on write)
 and update the copy. The frame in flight keeps the old buffer alive, so it

@@ -1,7 +1,7 @@
 """Socket set-up shared by the daemons in `ps/`: bind, send, receive safely.
 
 The one module of `ps/` besides the daemon loops that knows about ZeroMQ
-sockets (STYLE.md, habit 3): ROUTER with ROUTER_MANDATORY, linger 0,
+sockets (README.md, "Development"): ROUTER with ROUTER_MANDATORY, linger 0,
 bounded high-water marks.
 
 It also tunes the C allocator once per process (`protocol.buffers.keep_freed_buffers`):

@@ -22,13 +22,12 @@ jumps; peers send malformed requests.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from protocol.assignment import EVAL, Assignment
 from protocol.errors import ErrorCode
 from protocol.messages import Assign, Cancel, Error, Heartbeat, Membership, Ok, Register, Report, Status, Submit
-from protocol.partitions import partition_index, partition_key
+from protocol.partitions import partition_key
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
 from ps.sched.jobs import FINAL_STATES, STATE_RANK, SUCCEEDED
 from ps.sched.state import SchedulerState
@@ -106,7 +105,6 @@ class World:
         self.job_ids: list[str] = []
         self.rank: dict[str, int] = {}
         self.internal_errors: list[str] = []
-        self.told: dict[str, dict[int, str]] = {}     # job -> partition -> worker told it holds it (live ones)
         self.stopped = False
         for k, addr in enumerate(SHARD_ADDRS):
             self.send(("server", k), Register(role="server", addr=addr, shard=k))
@@ -201,8 +199,6 @@ class World:
         for p in a.partitions:
             w.start.setdefault(p, self._clock(a.job, p))
         w.held = set(a.partitions)
-        for p in w.held:
-            self.told.setdefault(a.job, {})[p] = w.id
         if a.init and a.task != EVAL:
             body = self.report(w, "plan", {"tensors": [["w", [4, 2], "float32"]], "nonlearned": [],
                                            "train_size": TRAIN_SIZE})
@@ -214,10 +210,6 @@ class World:
                 self._apply(w, body)
 
     def _drop_task(self, w: SimWorker) -> None:
-        if w.task is not None:
-            for p in w.held:
-                if self.told.get(w.task.job, {}).get(p) == w.id:
-                    del self.told[w.task.job][p]
         w.task, w.held, w.start, w.view = None, set(), {}, {}
 
     def report(self, w: SimWorker, event: str, state: dict, parts=None) -> dict | None:
@@ -255,9 +247,6 @@ class World:
         if release:
             body = self.report(w, "release", {"release": release}, parts=release)
             w.held -= set(release)
-            for p in release:
-                if self.told.get(w.task.job, {}).get(p) == w.id:
-                    del self.told[w.task.job][p]
             if body is not None:
                 w.epoch = max(w.epoch, body.get("latest", 0))
         if view.get("stop"):
@@ -286,8 +275,6 @@ class World:
         if finished:
             body = self.report(w, "done", {}, parts=finished)
             w.held -= set(finished)
-            for p in finished:
-                self.told.get(job, {}).pop(p, None)
             if not w.held:
                 self._drop_task(w)
                 return
@@ -363,14 +350,14 @@ class World:
                 if p.holder is not None:
                     assert p.holder in m.workers and m.workers[p.holder].job == run.job_id, \
                         f"{run.job_id} partition {p.index} held by {p.holder}, not a live worker of the job"
-        for job, told in self.told.items():
-            live = {}
-            for w in self.workers.values():
-                if w.task is None or w.task.job != job or w.dead or w.id not in m.workers:
-                    continue
-                for p in w.held:
-                    assert p not in live, f"{job} partition {p} held by two live workers: {live[p]} and {w.id}"
-                    live[p] = w.id
+        live: dict[tuple[str, int], str] = {}
+        for w in self.workers.values():
+            if w.task is None or w.dead or w.id not in m.workers:
+                continue  # what a worker declared dead believes is refused by the shards
+            for p in w.held:
+                key = (w.task.job, p)
+                assert key not in live, f"{key[0]} partition {p} held by two live workers: {live[key]} and {w.id}"
+                live[key] = w.id
 
     def finished(self) -> bool:
         return all(self.m.jobs[j].state in FINAL_STATES for j in self.job_ids) and not self.m.runs
@@ -400,13 +387,3 @@ def settle(world: World, rounds: int) -> None:
             return
         work_round(world)
         world.check()
-
-
-def partition_of(key: str) -> int:
-    index = partition_index(key)
-    assert index is not None
-    return index
-
-
-def isfinite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,4 +1,4 @@
-"""BSP equals one big batch (DESIGN.md, "Consistency policies").
+"""BSP equals one big batch (README.md, "Semantics").
 
 N workers (threads, each with its own ParamClient and its own model copy)
 train K steps of batch b against two real shards under BSP: batch t of

@@ -40,7 +40,7 @@ def test_killed_worker_is_replaced_and_the_job_still_succeeds(procs, tmp_path):
     spare = next(w for w in workers if w.ready["worker"] not in busy)
     victim.signal(signal.SIGKILL)
     victim.wait(timeout=10)
-    assert status(addr, job)["progress"]["steps_done"] < 2 * STEPS, "the job ended before the worker died: nothing was tested"
+    assert status(addr, job)["progress"]["steps_done"] < 2 * STEPS, "the job ended before the kill: nothing was tested"
     wait_until(lambda: spare.ready["worker"] in {p["holder"] for p in status(addr, job)["partitions"]},
                what="the spare worker took over the dead worker's partition")
     wait_until(lambda: status(addr, job)["state"] == "succeeded", what="job succeeded after a worker died")

@@ -75,7 +75,7 @@ def test_importing_the_cli_loads_neither_worker_nor_cupy():
 
 
 def test_only_daemon_loops_and_clients_own_sockets():
-    """zmq is imported only by the modules that own sockets (STYLE.md, habit 3)."""
+    """zmq is imported only by the modules that own sockets."""
     owners = {"ps/shard.py", "ps/scheduler.py", "ps/shardlinks.py", "ps/transport.py", "ps/router.py",
               "worker/client.py",
               "worker/sched_client.py", "worker/heartbeat.py", "worker/daemon.py"}

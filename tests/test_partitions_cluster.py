@@ -115,7 +115,8 @@ def test_bsp_with_workers_joining_mid_job_equals_three_waiting_workers(procs, tm
     addr = cluster(procs, tmp_path)
     workers(procs, addr, 1, *SLOW)
     job = psctl_json("submit", bsp_job(tmp_path, opt), "--scheduler", addr)["job"]
-    wait_until(lambda: status(addr, job)["progress"].get("steps_done", 0) >= PARTITIONS * 40, what="one worker training")
+    wait_until(lambda: status(addr, job)["progress"].get("steps_done", 0) >= PARTITIONS * 40,
+               what="one worker training")
     assert status(addr, job)["progress"]["workers"] == 1  # it holds all three partitions
     workers(procs, addr, 2, *SLOW)
     body = finished(addr, job)
@@ -222,3 +223,22 @@ def test_a_retried_submit_returns_the_same_job(procs, tmp_path):
     assert sorted(j["id"] for j in psctl_json("list", "--scheduler", addr)["jobs"]) == sorted([first, other])
     bad = run_psctl("submit", path, "--scheduler", addr, "--submission-id", "x" * 200)
     assert bad.returncode == 2 and "--submission-id" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_worker_that_runs_out_of_memory_reports_it_and_takes_the_next_job(procs, tmp_path):
+    # The scheduler lets a model through that no machine can allocate; each worker that
+    # takes it hits MemoryError, reports it and lives on; three in a row fail the job.
+    sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--max-model-bytes", "2000TiB")
+    addr = sched.ready["addr"]
+    procs.server(0, "--scheduler", addr)
+    (worker,) = workers(procs, addr, 1)
+    huge = job_file(tmp_path, "huge.yaml", name="huge", workers=1, model={"kind": "mlp", "hidden": [16, 10**13]})
+    job = psctl_json("submit", huge, "--scheduler", addr)["job"]
+    nxt = psctl_json("submit", job_file(tmp_path, "next.yaml", name="next", workers=1, steps=40),
+                     "--scheduler", addr)["job"]
+    wait_until(lambda: status(addr, job)["state"] == "failed", what="the job that cannot fit failed")
+    error = status(addr, job)["error"]
+    assert "MemoryError" in error and "3 times in a row" in error, error
+    wait_until(lambda: status(addr, nxt)["state"] == "succeeded", what="the next job succeeded")
+    assert worker.popen.poll() is None
+    assert [w["worker"] for w in status(addr)["workers"]] == [worker.ready["worker"]]

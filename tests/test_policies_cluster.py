@@ -298,5 +298,5 @@ def test_slowed_workers_under_bsp_keep_a_steady_pace(procs, tmp_path):
     job = psctl_json("submit", spec, "--scheduler", addr)["job"]
     wait_until(lambda: status(addr, job)["state"] != "running", what="the BSP job of two slowed workers ended")
     final = status(addr, job)
-    assert final["state"] == "succeeded" and final["result"]["steps_done"] == 150 * len(final["result"]["partitions"]), \
-        final["result"]
+    parts = final["result"]["partitions"]
+    assert final["state"] == "succeeded" and final["result"]["steps_done"] == 150 * len(parts), final["result"]

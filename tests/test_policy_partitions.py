@@ -27,16 +27,7 @@ from ps.policy import (
     make_policy,
 )
 from ps.table import JobTable
-
-
-def refused(actions, code: ErrorCode, *words: str) -> Refuse:
-    """The single action is a Refuse with `code` whose message has `words`."""
-    assert len(actions) == 1 and isinstance(actions[0], Refuse), actions
-    r = actions[0]
-    assert r.code is code, r
-    for w in words:
-        assert w in r.message, r.message
-    return r
+from tests.test_policy import refused
 
 
 def reassigned(worker: str, key: str, done: int, clock: int, epoch: int) -> str:

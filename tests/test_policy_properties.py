@@ -4,8 +4,8 @@ A small simulator plays well-behaved workers against one policy: each
 worker pulls at its clock, pushes that clock once the pull is answered, and
 stops at a final clock. Workers join and leave through memberships with
 growing epochs; a worker that left keeps sending (a zombie) and must be
-refused. After EVERY event the simulator checks the invariants of
-DESIGN.md; at the end it lets every worker run until none can move and
+refused. After EVERY event the simulator checks the policies' invariants
+(README.md, "Semantics"); at the end it lets every worker run until none can move and
 checks that nothing is parked and every live worker reached the end.
 """
 from __future__ import annotations

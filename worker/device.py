@@ -3,7 +3,7 @@
 The backprop library is written against an array module `xp`; this module
 picks it once per worker (`--device cpu|gpu|auto`). cupy is imported only
 inside `select_device`, and only when a GPU is asked for, so a CPU install
-never needs it (STYLE.md, habit 11).
+never needs it.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """One assignment of a worker: train the data partitions it holds, or evaluate a job's final parameters.
 
-Training loop (docs/architecture.md, "One step"): the worker holds one or
+Training loop (README.md, "Architecture"): the worker holds one or
 more of the job's partitions; each step it takes those at the lowest step
 t, computes each one's minibatch gradient from the same parameters
 (worker/step.py), and pushes their mean as step t of each with one
@@ -40,7 +40,7 @@ from protocol.errors import ErrorCode
 from protocol.messages import Assign, Report
 from protocol.partitions import schedule_length, steps_owed
 from protocol.plan import Plan
-from worker.client import ParamClient, ShardError, ShardTimeout
+from worker.client import ParamClient, ShardError
 from worker.data import DataError, load_dataset, worker_batches
 from worker.sched_client import SchedulerError, SchedulerUnavailable
 from worker.step import Diverged, partitions_step

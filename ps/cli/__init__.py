@@ -1,6 +1,6 @@
 """`psctl`: one command line for every daemon and every user action.
 
-Thin by design (STYLE.md, habit 12): click parses, the command builds the
+Thin by design: click parses, the command builds the
 object and runs it. Bad input becomes a one-sentence `click.ClickException`.
 
 This package holds the command group and the server-side daemons
@@ -8,8 +8,8 @@ This package holds the command group and the server-side daemons
 daemon, submit/status/list/cancel/export, run, train-local, the
 benchmarks) live in worker/cli and are plugged in by name through the
 entry-point groups `psctl.commands` and `psctl.bench` of setup.cfg, loaded
-only when asked for: ps/ and worker/ never import each other (DESIGN.md,
-"Layout"). What a worker-side command needs from this side (the servers'
+only when asked for: ps/ and worker/ never import each other (README.md,
+"Architecture"). What a worker-side command needs from this side (the servers'
 optimizer code, for train-local) is handed over in the click context.
 """
 from __future__ import annotations

@@ -101,7 +101,8 @@ def part_states(raw: Any, rid: int) -> dict[int, dict]:
         raise bad(f"state.parts must map at most {MAX_WORKERS} partition indices to their progress", rid)
     out: dict[int, dict] = {}
     for key, item in raw.items():
-        index = _int(int(key), 0, MAX_WORKERS - 1) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 6 else None
+        digits = isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 6
+        index = _int(int(key), 0, MAX_WORKERS - 1) if digits else None
         if index is None or not isinstance(item, dict):
             raise bad(f"state.parts: {key!r:.20} is not a partition index with a map of its progress", rid)
         clean: dict[str, Any] = {}

@@ -383,7 +383,7 @@ class SchedulerState(Placement, Reports, Views):
     # --- time ---
 
     def _tick(self, now: float, out: list) -> None:
-        for worker_id, peer in list(self.workers.items()):
+        for peer in list(self.workers.values()):
             if now - peer.last_seen > self.heartbeat_timeout_s:
                 self._worker_died(peer, now)
         for shard, peer in list(self.servers.items()):

@@ -47,7 +47,7 @@ import click
 DEFAULT_POLICIES = "bsp,ssp1,ssp3,ssp10,asp"
 DEFAULT_PLOT = os.path.join("out", "consistency.png")
 
-# The job every policy runs (JOBSPEC.md fields); --steps replaces `steps`.
+# The job every policy runs (README.md, "The job file"); --steps replaces `steps`.
 # Plain momentum at lr 0.02 as in deploy/examples/digits-mlp.yaml: safe with
 # gradients a few updates stale, so ASP's result is not a divergence story.
 BENCH_JOB = {

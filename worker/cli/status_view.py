@@ -81,7 +81,8 @@ def render_job(body: dict) -> str:
                      f"final loss {_num(result.get('final_loss'), '.4f')}  "
                      f"steps {result.get('steps_done')}/{result.get('steps_asked')}  "
                      f"examples {result.get('examples') or 0:,}  {_num(result.get('examples_per_s'), ',.0f')} ex/s "
-                     f"over {_num(result.get('train_s'), '.1f')}s of training, wall {_num(result.get('wall_s'), '.1f')}s")
+                     f"over {_num(result.get('train_s'), '.1f')}s of training, "
+                     f"wall {_num(result.get('wall_s'), '.1f')}s")
     if body.get("error"):
         lines.append(f"  error: {body['error']}")
     parts = body.get("partitions") or []

@@ -1,6 +1,6 @@
 """Layers: each forward sits beside its backward (micrograd's shape, vectorised).
 
-Every layer follows one contract (STYLE.md, habit 11):
+Every layer follows one contract:
 
 - `forward(x, train=True)` returns the output and caches what backward needs;
 - `backward(dout, *, accumulate=False, need_dx=True)` returns the input
