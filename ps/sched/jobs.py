@@ -104,7 +104,8 @@ class Partition:
 class JobRun:
     """A running job: partitions and holders, membership epochs, and how it ends."""
 
-    def __init__(self, record: JobRecord, shards: list[str], *, epoch_base: int, now: float):
+    def __init__(self, record: JobRecord, shards: list[str], *, epoch_base: int, now: float,
+                 started_at: float | None = None):
         self.record = record
         self.job_id = record.id
         self.spec = record.spec
@@ -134,27 +135,37 @@ class JobRun:
         self.test_loss: float | None = None
         self.history: list[dict] = []
         self.curve: list[dict] = []
-        self.started_at = now
+        self.started_at = now if started_at is None else started_at   # when it first ran (this clock)
         self.train_started: float | None = None
+        self.train_before = 0.0              # training time under a previous scheduler
         self.train_ended: float | None = None
         self._restore(record.progress or {})
 
     def _restore(self, saved: dict) -> None:
-        """Pick up a job a previous scheduler ran: its partitions' steps and holders' segments."""
-        for item in saved.get("partitions", []):
-            k = item.get("index")
-            if not isinstance(k, int) or not 0 <= k < len(self.partitions):
+        """Pick up a job a previous scheduler ran: its partitions' steps, holders' segments, training time.
+
+        The record comes from disk: anything malformed in it is left out, never raised.
+        """
+        items = saved.get("partitions")
+        for item in items if isinstance(items, list) else []:
+            k = item.get("index") if isinstance(item, dict) else None
+            if not _count(k) or k >= len(self.partitions):
                 continue
             p = self.partitions[k]
-            if isinstance(item.get("steps"), int) and item["steps"] >= 1:
+            if _count(item.get("steps")) and item["steps"] >= 1:
                 p.steps = item["steps"]
-            if isinstance(item.get("steps_done"), int) and item["steps_done"] >= 0:
+            if _count(item.get("steps_done")):
                 p.done_steps = item["steps_done"]
-            p.segments = [Segment(str(s["worker"]), int(s["first"]), int(s["last"]), True)
-                          for s in item.get("holders", []) if isinstance(s, dict)
-                          and isinstance(s.get("first"), int) and isinstance(s.get("last"), int)]
-        self.history = [h for h in saved.get("evals", []) if isinstance(h, dict)][-MAX_HISTORY:]
-        self.curve = [c for c in saved.get("curve", []) if isinstance(c, dict)][-MAX_CURVE_POINTS:]
+            holders = item.get("holders")
+            p.segments = [Segment(str(s.get("worker") or ""), s["first"], s["last"], True)
+                          for s in (holders if isinstance(holders, list) else [])
+                          if isinstance(s, dict) and _count(s.get("first")) and _count(s.get("last"))]
+        summary = saved.get("summary")
+        before = summary.get("train_s") if isinstance(summary, dict) else None
+        self.train_before = float(before) if isinstance(before, (int, float)) and before >= 0 else 0.0
+        for name, limit in (("history", MAX_HISTORY), ("curve", MAX_CURVE_POINTS)):
+            kept = saved.get("evals" if name == "history" else name)
+            setattr(self, name, [x for x in kept if isinstance(x, dict)][-limit:] if isinstance(kept, list) else [])
 
     # --- who holds what ---
 
@@ -279,10 +290,12 @@ class JobRun:
         return sum(p.examples(self.batch_size) for p in self.partitions)
 
     def train_seconds(self, now: float) -> float:
-        """Training time: from the tables' creation to the last partition's last step."""
+        """Training time: from the tables' creation to the last partition's last step (before a
+        scheduler restart too)."""
         if self.train_started is None:
-            return 0.0
-        return max(0.0, (self.train_ended if self.train_ended is not None else now) - self.train_started)
+            return self.train_before
+        return self.train_before + max(0.0, (self.train_ended if self.train_ended is not None else now)
+                                       - self.train_started)
 
     def summary(self, now: float) -> dict:
         """Where the job stands, for status, list and the progress bar."""
@@ -346,3 +359,8 @@ class JobRun:
             "target_accuracy_seen": self.target_seen,
             "partitions": [p.wire(self.batch_size) for p in self.partitions],
         }
+
+
+def _count(value) -> bool:
+    """A non-negative int (not a bool): what a step, an index or a count read from disk must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

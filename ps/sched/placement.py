@@ -56,11 +56,15 @@ class Placement:
                 self._give_eval(run, free.pop(0))
             return free
         if not run.initialized:
-            if run.init_worker is None and free:
-                worker = free.pop(0)
-                run.init_worker, worker.job = worker.id, run.job_id
-                run.grant(worker.id, [p.index for p in active if p.holder is None])
-                log.info("job initialising", extra={"job": run.job_id, "worker": worker.id})
+            if run.init_worker is None:
+                # A worker already waiting beside the job first (its last initialiser died or failed).
+                joiner = next((self.workers[w] for w in sorted(run.joining) if w in self.workers), None)
+                worker = joiner or (free.pop(0) if free else None)
+                if worker is not None:
+                    run.joining.discard(worker.id)
+                    run.init_worker, worker.job = worker.id, run.job_id
+                    run.grant(worker.id, [p.index for p in active if p.holder is None])
+                    log.info("job initialising", extra={"job": run.job_id, "worker": worker.id})
             return self._reserve(run, active, free)
         free = self._reserve(run, active, free)
         holders = run.holders()
@@ -127,7 +131,9 @@ class Placement:
             shards = shards[:count] if len(shards) >= count else []
         if not shards:
             return None
-        run = JobRun(record, shards, epoch_base=self.epoch_base, now=now)
+        # A job a previous scheduler started keeps its start: wall_s counts from then.
+        started_at = now - max(0.0, self._wall(now) - record.started) if record.started else now
+        run = JobRun(record, shards, epoch_base=self.epoch_base, now=now, started_at=started_at)
         self.runs[run.job_id] = run
         self._persist(out, record, state=RUNNING, started=record.started or self._wall(now), shards=shards)
         log.info("job started", extra={"job": run.job_id, "shards": len(shards), "partitions": len(run.partitions)})

@@ -150,7 +150,9 @@ class Reports:
     def _report_release(self, run: JobRun, worker, msg, now, out) -> dict:
         given = checks.indices(msg.state.get("release"), len(run.partitions), msg.rid, "state.release")
         mine = set(run.held_by(worker.id))
-        run.ungrant([k for k in given if k in mine])
+        given = [k for k in given if k in mine]
+        if given:
+            run.ungrant(given)
         return {}
 
     def _report_stopped(self, run: JobRun, worker, msg, now, out) -> dict:
@@ -160,6 +162,9 @@ class Reports:
     def _report_failed(self, run: JobRun, worker, msg, now, out) -> dict:
         error = checks.error_text(msg.state.get("error"), "a worker failed without saying why")
         fatal = msg.state.get("fatal") is True
+        if run.eval_worker != worker.id and not run.held_by(worker.id):
+            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {worker.id!r:.60} holds no partition of job "
+                                                      f"{run.job_id}: its failure is not the job's", rid=msg.rid)
         log.warning("worker failed", extra={"job": run.job_id, "worker": worker.id, "why": error, "fatal": fatal})
         if run.eval_worker == worker.id:
             run.eval_failures += 1
