@@ -1,7 +1,7 @@
 """Counters, gauges and histograms rendered in Prometheus' text format.
 
 Pure bookkeeping and formatting (no sockets): each daemon serves
-`Registry.render()` over HTTP from its own side of the layout. Values are
+`MetricsRegistry.render()` over HTTP from its own side of the layout. Values are
 plain Python numbers updated by the daemon's one loop thread and read by
 the HTTP thread; a torn read of one float is harmless for monitoring.
 """
@@ -43,7 +43,7 @@ class Histogram:
         return out
 
 
-class Registry:
+class MetricsRegistry:
     """Named metrics of one daemon. Names follow Prometheus conventions."""
 
     def __init__(self, prefix: str = "pscluster"):

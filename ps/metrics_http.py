@@ -4,10 +4,10 @@ from __future__ import annotations
 import http.server
 import threading
 
-from protocol.metrics import Registry
+from protocol.metrics import MetricsRegistry
 
 
-def serve_metrics(registry: Registry, port: int, host: str = "127.0.0.1") -> http.server.ThreadingHTTPServer:
+def serve_metrics(registry: MetricsRegistry, port: int, host: str = "127.0.0.1") -> http.server.ThreadingHTTPServer:
     """Start the exporter in a daemon thread; returns the server (its port in .server_address)."""
 
     class Handler(http.server.BaseHTTPRequestHandler):

@@ -18,7 +18,8 @@ from pathlib import Path
 from protocol.errors import ProtocolError
 from protocol.jobspec import validate_job
 from protocol.plan import Plan
-from ps.sched.jobs import QUEUED, RUNNING, STATE_RANK, JobRecord
+from protocol.jobstate import JobState
+from ps.sched.jobs import JobRecord
 
 log = logging.getLogger("pscluster.scheduler")
 
@@ -91,9 +92,9 @@ class JobStore:
                 log.error("job store row skipped: it cannot be read",
                           extra={"job": str(row["id"])[:80], "why": f"{type(exc).__name__}: {exc}"[:200]})
                 continue
-            if record.state == RUNNING:
-                record.state = QUEUED
-                self.update(record.id, {"state": QUEUED})
+            if record.state is JobState.RUNNING:
+                record.state = JobState.QUEUED
+                self.update(record.id, {"state": JobState.QUEUED.value})
                 log.info("job left running by a previous scheduler is queued again", extra={"job": record.id})
             records.append(record)
         return records
@@ -121,15 +122,13 @@ def _record(row: sqlite3.Row) -> JobRecord:
     for col in _JSON_COLUMNS:
         data[col] = json.loads(data[col]) if data[col] is not None else None
     record = JobRecord(
-        id=str(data["id"]), seq=int(data["seq"]), name=str(data["name"]), state=str(data["state"]),
+        id=str(data["id"]), seq=int(data["seq"]), name=str(data["name"]), state=JobState(data["state"]),
         spec=data["spec"], submitted=float(data["submitted"]),
         started=None if data["started"] is None else float(data["started"]),
         finished=None if data["finished"] is None else float(data["finished"]),
         plan=data["plan"], shards=data["shards"] or [], tensors=data["tensors"] or [],
         nonlearned=data["nonlearned"] or [], progress=data["progress"] or {}, result=data["result"] or {},
         error=str(data["error"] or ""), submission_id=str(data["submission_id"] or ""))
-    if record.state not in STATE_RANK:
-        raise ValueError(f"unknown state {record.state!r}")
     for name, kind in (("spec", dict), ("shards", list), ("tensors", list), ("nonlearned", list),
                        ("progress", dict), ("result", dict)):
         if not isinstance(getattr(record, name), kind):

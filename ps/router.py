@@ -15,7 +15,7 @@ import zmq
 
 from protocol.codec import decode, error_frames, sizes
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.metrics import Registry
+from protocol.metrics import MetricsRegistry
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps.transport import recv_message, send_reply, split_envelope
 
@@ -31,7 +31,7 @@ class RouterDaemon:
 
     ROLE = "daemon"                       # named in UNKNOWN_OP errors: "not served by a <ROLE>"
     sock: zmq.Socket
-    metrics: Registry
+    metrics: MetricsRegistry
     ops: dict[str, Callable]
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log = logging.getLogger("pscluster")

@@ -21,7 +21,7 @@ import zmq
 
 from protocol.codec import encode
 from protocol.messages import KINDS
-from protocol.metrics import Registry as Metrics
+from protocol.metrics import MetricsRegistry
 from ps.registry import JobStore
 from ps.router import RouterDaemon
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
@@ -54,14 +54,14 @@ class Scheduler(RouterDaemon):
 
     def __init__(self, bind: str, state_dir: str, *, ctx: zmq.Context | None = None,
                  heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, max_model_bytes: int | None = None,
-                 max_failures: int = MAX_FAILURES, metrics: Metrics | None = None,
+                 max_failures: int = MAX_FAILURES, metrics: MetricsRegistry | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.ctx = ctx or zmq.Context.instance()
         self.store = JobStore(state_dir)
         records = self.store.load()
         self.sock, self.endpoint = bind_router(self.ctx, bind)
         self.links = ShardLinks(self.ctx)
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or MetricsRegistry()
         self.now = clock
         self.stopping = False
         self.state = SchedulerState(

@@ -24,7 +24,7 @@ from protocol.codec import decode, encode
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import MAX_WORKERS
 from protocol.messages import Heartbeat, Message, Ok, PushPull, Register
-from protocol.metrics import Registry
+from protocol.metrics import MetricsRegistry
 from protocol.partitions import partition_key
 from protocol.plan import Plan
 from protocol.validate import check_job_id, check_payload, check_sids
@@ -58,14 +58,14 @@ class Shard(RouterDaemon):
                  scheduler: str | None = None, advertise: str | None = None,
                  checkpoint_dir: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 registry: Registry | None = None, clock: Callable[[], float] = time.monotonic):
+                 registry: MetricsRegistry | None = None, clock: Callable[[], float] = time.monotonic):
         self.shard_id = shard_id
         self.ctx = ctx or zmq.Context.instance()
         self.sock, self.endpoint = bind_router(self.ctx, bind)
         self.advertise = advertise or _advertised(self.endpoint)
         self.checkpoint_dir = checkpoint_dir
         self.max_message_bytes = max_message_bytes
-        self.metrics = registry or Registry()
+        self.metrics = registry or MetricsRegistry()
         self.now = clock
         self.tables: dict[str, JobTable] = {}
         self.pending_membership: dict[str, tuple[int, dict, dict]] = {}

@@ -29,7 +29,8 @@ from protocol.errors import ErrorCode
 from protocol.messages import Assign, Cancel, Error, Heartbeat, Membership, Ok, Register, Report, Status, Submit
 from protocol.partitions import partition_key
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
-from ps.sched.jobs import FINAL_STATES, STATE_RANK, SUCCEEDED
+from protocol.jobstate import FINAL_STATES, JobState
+from ps.sched.jobs import SUCCEEDED
 from ps.sched.state import SchedulerState
 
 HEARTBEAT_TIMEOUT_S = 3.0
@@ -336,7 +337,7 @@ class World:
         m = self.m
         for job in self.job_ids:
             record = m.jobs[job]
-            rank = STATE_RANK[record.state]
+            rank = JobState(record.state).rank
             assert rank >= self.rank.get(job, 0), f"{job} moved back to {record.state}"
             self.rank[job] = rank
             if record.state == SUCCEEDED and record.result.get("stopped_by") != "target":

@@ -16,7 +16,7 @@ import zmq
 from protocol.assignment import Assignment
 from protocol.errors import ErrorCode
 from protocol.messages import Assign, Register
-from protocol.metrics import Registry
+from protocol.metrics import MetricsRegistry
 from worker.client import default_worker_id
 from worker.heartbeat import HeartbeatThread
 from worker.sched_client import SchedulerClient, SchedulerError, SchedulerUnavailable
@@ -42,7 +42,7 @@ class WorkerDaemon:
         self.sched = SchedulerClient(scheduler, ctx=self.ctx, worker=self.worker)
         self.heartbeat = HeartbeatThread(scheduler, self.worker, ctx=self.ctx)
         self.data = DataCache()
-        self.metrics = Registry()
+        self.metrics = MetricsRegistry()
         self._describe_metrics()
         self._stopping = threading.Event()
 

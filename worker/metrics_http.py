@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from protocol.metrics import Registry
+from protocol.metrics import MetricsRegistry
 
 
 class _Quiet(WSGIRequestHandler):
@@ -12,7 +12,7 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-def start_exporter(registry: Registry, port: int, host: str = "127.0.0.1"):
+def start_exporter(registry: MetricsRegistry, port: int, host: str = "127.0.0.1"):
     """Serve `registry` at /metrics; returns the server (its port in .server_port). Raises OSError."""
 
     def app(environ, start_response):

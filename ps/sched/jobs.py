@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from protocol.jobstate import JobState
 from protocol.partitions import partition_key
 from protocol.plan import Plan
 
-# Job states; a job only moves forward: queued -> running -> one final state.
-# (A scheduler restart puts running jobs back to queued: they resume.)
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
-STATE_RANK = {QUEUED: 0, RUNNING: 1, SUCCEEDED: 2, FAILED: 2, CANCELLED: 2}
+# A job only moves forward: queued -> running -> one final state (protocol/jobstate.py).
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (JobState.QUEUED, JobState.RUNNING, JobState.SUCCEEDED,
+                                                  JobState.FAILED, JobState.CANCELLED)
 # Progress samples kept per job for its loss curve (thinned by half when full).
 MAX_CURVE_POINTS = 2000
 # Evaluations kept per job.
@@ -34,7 +33,7 @@ class JobRecord:
     id: str
     seq: int
     name: str
-    state: str
+    state: JobState
     spec: dict
     submitted: float
     started: float | None = None

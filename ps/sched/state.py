@@ -31,10 +31,11 @@ from protocol.assignment import EVAL, TRAIN, Assignment
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import SpecError, min_param_bytes, validate_job
 from protocol.messages import Checkpoint, Error, Membership, Ok
-from protocol.metrics import Registry as Metrics
+from protocol.metrics import MetricsRegistry
 from ps.sched import checks
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Tick
-from ps.sched.jobs import CANCELLED, FAILED, FINAL_STATES, QUEUED, SUCCEEDED, JobRecord, JobRun
+from protocol.jobstate import FINAL_STATES
+from ps.sched.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobRun
 from ps.sched.placement import Placement
 from ps.sched.reports import Reports
 from ps.sched.views import Views
@@ -93,7 +94,7 @@ class SchedulerState(Placement, Reports, Views):
 
     def __init__(self, records: list[JobRecord], *, incarnation: int = 1,
                  heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, max_model_bytes: int = 0,
-                 max_failures: int = MAX_FAILURES, metrics: Metrics | None = None, wall_offset: float = 0.0):
+                 max_failures: int = MAX_FAILURES, metrics: MetricsRegistry | None = None, wall_offset: float = 0.0):
         self.jobs: dict[str, JobRecord] = {r.id: r for r in sorted(records, key=lambda r: r.seq)}
         self.submissions = {r.submission_id: r.id for r in records if r.submission_id}
         self.next_seq = max((r.seq for r in records), default=0) + 1
@@ -107,7 +108,7 @@ class SchedulerState(Placement, Reports, Views):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.max_model_bytes = max_model_bytes
         self.max_failures = max_failures
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or MetricsRegistry()
         self.wall_offset = wall_offset              # wall clock = now + wall_offset (for records)
         self._saved_at = self._sampled_at = float("-inf")
         self.ops = {

@@ -9,7 +9,8 @@ import logging
 
 from protocol.errors import ErrorCode, ProtocolError
 from ps.sched.events import Stop
-from ps.sched.jobs import CANCELLED, FINAL_STATES, QUEUED, JobRecord
+from protocol.jobstate import FINAL_STATES
+from ps.sched.jobs import CANCELLED, QUEUED, JobRecord
 
 log = logging.getLogger("pscluster.scheduler")
 

@@ -7,10 +7,10 @@ import uuid
 
 import click
 
+from protocol.jobstate import FINAL_STATES
 from worker.cli.common import scheduler_address
 from worker.cli.progress import ProgressBar, print_summary
 
-FINAL_STATES = ("succeeded", "failed", "cancelled")
 # How often `--wait` asks the scheduler how the job is doing.
 POLL_INTERVAL_S = 0.5
 
