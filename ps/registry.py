@@ -17,8 +17,8 @@ from pathlib import Path
 
 from protocol.errors import ProtocolError
 from protocol.jobspec import validate_job
-from protocol.plan import Plan
 from protocol.jobstate import JobState
+from protocol.plan import Plan
 from ps.sched.jobs import JobRecord
 
 log = logging.getLogger("pscluster.scheduler")

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 from protocol.assignment import EVAL, Assignment
 from protocol.errors import ErrorCode
+from protocol.jobstate import FINAL_STATES, JobState
 from protocol.messages import Assign, Cancel, Error, Heartbeat, Membership, Ok, Register, Report, Status, Submit
 from protocol.partitions import partition_key
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
-from protocol.jobstate import FINAL_STATES, JobState
 from ps.sched.jobs import SUCCEEDED
 from ps.sched.state import SchedulerState
 

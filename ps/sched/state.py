@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from protocol.assignment import EVAL, TRAIN, Assignment
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import SpecError, min_param_bytes, validate_job
+from protocol.jobstate import FINAL_STATES
 from protocol.messages import Checkpoint, Error, Membership, Ok
 from protocol.metrics import MetricsRegistry
 from ps.sched import checks
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Tick
-from protocol.jobstate import FINAL_STATES
 from ps.sched.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobRun
 from ps.sched.placement import Placement
 from ps.sched.reports import Reports

@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 
 from protocol.errors import ErrorCode, ProtocolError
-from ps.sched.events import Stop
 from protocol.jobstate import FINAL_STATES
+from ps.sched.events import Stop
 from ps.sched.jobs import CANCELLED, QUEUED, JobRecord
 
 log = logging.getLogger("pscluster.scheduler")
