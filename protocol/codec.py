@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import KINDS, Error, Message, SliceData
+from protocol.messages import KINDS, Error, Message, Ok, SliceData
 from protocol.version import (
     ALLOWED_DTYPES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -315,6 +315,18 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int = DEFAULT_MAX_MESSAG
     elif payload or "s" in header:
         raise _bad(ErrorCode.TRUNCATED, f"'{op}' carries no payload but {len(payload)} frames arrived", rid)
     return _BUILD[op](kwargs)
+
+
+def decode_ok(frames: Sequence[Any]) -> Ok | None:
+    """The `ok` reply in `frames`, or None for anything else (unreadable, an error reply).
+
+    For answers a peer only learns from (heartbeat replies): nothing in them is worth an exception.
+    """
+    try:
+        msg = decode(frames)
+    except ProtocolError:
+        return None
+    return msg if isinstance(msg, Ok) else None
 
 
 def raise_if_error(msg: Message) -> Message:

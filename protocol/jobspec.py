@@ -10,12 +10,19 @@ declarative schema, defaults are filled in, and the first problem raises
 The normalized dict that comes out is what the scheduler stores and what
 workers and servers receive; documentation of every field is
 in README.md ("The job file").
+
+This is the only schema. The builders (ps/optim.py `make_optimizer`,
+ps/policy.py `make_policy`, worker/nn/model.py `build_model`) normalize
+their section with `normalize_section`, so a partial section written by
+hand (tests, benchmarks, tools) takes the same defaults and the same rules
+as a job file; they check only what needs data (the input shape, the
+number of classes).
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +68,7 @@ _MISSING = object()
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], int]:
     def check(path: str, v: Any) -> int:
-        bounds = _bounds_text(lo, hi)
+        bounds = _range_text(lo, hi, whole=True)
         if isinstance(v, float) and math.isfinite(v) and v == int(v):
             v = int(v)  # 5e2 is how people write 500
         if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -126,18 +133,11 @@ def _opt(check):
     return wrapped
 
 
-def _bounds_text(lo, hi) -> str:
+def _range_text(lo, hi, lo_open: bool = False, hi_open: bool = False, *, whole: bool = False) -> str:
+    """" from 1 to 8" (integers), " in (0, 1]", " >= 0", " < 1", or "" (no bounds)."""
     if lo is not None and hi is not None:
-        return f" from {lo} to {hi}"
-    if lo is not None:
-        return f" >= {lo}"
-    if hi is not None:
-        return f" <= {hi}"
-    return ""
-
-
-def _range_text(lo, hi, lo_open, hi_open) -> str:
-    if lo is not None and hi is not None:
+        if whole:
+            return f" from {lo} to {hi}"
         return f" in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
     if lo is not None:
         return f" {'>' if lo_open else '>='} {lo}"
@@ -158,9 +158,9 @@ SCHEDULE = {
     "kind": Field(_choice(SCHEDULES), "constant"),
     "warmup_steps": Field(_int(0), 0),
     "step_size": Field(_int(1), 100),
-    "gamma": Field(_num(0, 1, lo_open=True), 0.1),
+    "gamma": Field(_num(0, 1, lo_open=True), 0.1),   # (0, 1]: a step schedule never grows the lr
     "total_steps": Field(_int(0), 0),
-    "min_lr": Field(_num(0), 0.0),
+    "min_lr": Field(_num(0), 0.0),                    # and at most optimizer.lr (below)
 }
 
 OPTIMIZER = {
@@ -180,13 +180,13 @@ OPTIMIZER = {
 
 MODEL = {
     "kind": Field(_choice(MODEL_KINDS)),
-    "hidden": Field(_int_list, None),  # None: filled per kind below
+    "hidden": Field(_int_list, [128]),  # the same for both kinds (README)
     "activation": Field(_choice(ACTIVATIONS), "relu"),
     "dropout": Field(_num(0, 1, hi_open=True), 0.0),
     "batchnorm": Field(_bool, False),
     "init": Field(_choice(INITS), "he"),
     "channels": Field(_int_list, [8, 16]),
-    "kernel": Field(_int(1, 15), 3),
+    "kernel": Field(_int(1, 15), 3),  # odd for a cnn (below)
 }
 
 DATA = {
@@ -218,8 +218,42 @@ JOB = {
 }
 
 
+# --- rules between the fields of one section: each checks a normalized section in place ---
+
+def _model_rules(model: dict) -> None:
+    if model["kind"] != "cnn":
+        return
+    if model["kernel"] % 2 == 0:
+        raise SpecError("model.kernel", "an odd kernel size for a cnn ('same' padding)", model["kernel"])
+    if not model["channels"]:
+        raise SpecError("model.channels", "at least one conv stage for a cnn", model["channels"])
+
+
+def _data_rules(data: dict) -> None:
+    if data["batch_size"] % data["micro_batches"]:
+        raise SpecError("data.micro_batches", f"a divisor of data.batch_size ({data['batch_size']})",
+                        data["micro_batches"])
+
+
+def _optimizer_rules(opt: dict) -> None:
+    if opt["nesterov"] and opt["kind"] != "momentum":
+        raise SpecError("optimizer.nesterov", "false unless optimizer.kind is momentum", True)
+    lr, min_lr = opt["lr"], opt["schedule"]["min_lr"]
+    if min_lr > lr:
+        raise SpecError("optimizer.schedule.min_lr", f"a number in [0, optimizer.lr = {lr!r}]", min_lr)
+
+
+# The sections a job file has, and the rules each one's fields obey together.
+SECTIONS = {"model": MODEL, "data": DATA, "optimizer": OPTIMIZER, "consistency": CONSISTENCY}
+_RULES: dict[str, Callable[[dict], None]] = {
+    "model": _model_rules,
+    "data": _data_rules,
+    "optimizer": _optimizer_rules,
+}
+
+
 def _section(path: str, schema: dict, raw: Any) -> dict:
-    if not isinstance(raw, dict):
+    if not isinstance(raw, Mapping):
         raise SpecError(path or "job", "a mapping of fields", raw)
     unknown = sorted(str(k) for k in raw if k not in schema)
     if unknown:
@@ -231,7 +265,7 @@ def _section(path: str, schema: dict, raw: Any) -> dict:
     for key, spec in schema.items():
         where = f"{path}.{key}" if path else key
         if isinstance(spec, dict):
-            out[key] = _section(where, spec, raw.get(key, {}) if raw.get(key) is not None else {})
+            out[key] = _section(where, spec, raw.get(key) if raw.get(key) is not None else {})
             continue
         value = raw.get(key, _MISSING)
         if value is _MISSING:
@@ -240,12 +274,54 @@ def _section(path: str, schema: dict, raw: Any) -> dict:
             out[key] = list(spec.default) if isinstance(spec.default, list) else spec.default
         else:
             out[key] = spec.check(where, value)
+    rules = _RULES.get(path)
+    if rules is not None:
+        rules(out)
     return out
 
 
+def normalize_section(name: str, raw: Any) -> dict:
+    """The complete `name:` section (model, data, optimizer or consistency) of `raw`.
+
+    Every missing field takes its default (None reads as an empty section),
+    every field is checked, then the rules between the section's fields;
+    the first problem raises SpecError naming the field's full path. A
+    normalized section normalizes to itself. Rules between sections
+    (staleness_aware under bsp, a cosine schedule's length) need the whole
+    job: `validate_job`.
+    """
+    if name not in SECTIONS:
+        raise ValueError(f"no job file section named {name!r}: choose one of {', '.join(SECTIONS)}")
+    return _section(name, SECTIONS[name], {} if raw is None else raw)
+
+
+def normalize_model(raw: Any) -> dict:
+    """`normalize_section("model", raw)`: model.kind is required."""
+    return normalize_section("model", raw)
+
+
+def normalize_data(raw: Any) -> dict:
+    """`normalize_section("data", raw)`: data.source is required."""
+    return normalize_section("data", raw)
+
+
+def normalize_optimizer(raw: Any) -> dict:
+    """`normalize_section("optimizer", raw)`: every field has a default."""
+    return normalize_section("optimizer", raw)
+
+
+def normalize_consistency(raw: Any) -> dict:
+    """`normalize_section("consistency", raw)`: every field has a default."""
+    return normalize_section("consistency", raw)
+
+
 def validate_job(raw: Any) -> dict:
-    """The normalized job spec for `raw` (a parsed job file); raises SpecError."""
-    if not isinstance(raw, dict):
+    """The normalized job spec for `raw` (a parsed job file); raises SpecError.
+
+    Each section goes through the same checks as `normalize_section`; then
+    the rules between sections and the job's own fields.
+    """
+    if not isinstance(raw, Mapping):
         raise SpecError("job", "a mapping of fields (model, data, optimizer, ...)", raw)
     for required in ("model", "data"):
         if raw.get(required) is None:
@@ -253,21 +329,9 @@ def validate_job(raw: Any) -> dict:
     spec = _section("", JOB, raw)
     if (spec["steps"] is None) == (spec["epochs"] is None):
         raise SpecError("steps", "exactly one of steps or epochs", {"steps": spec["steps"], "epochs": spec["epochs"]})
-    model = spec["model"]
-    if model["hidden"] is None:
-        model["hidden"] = [128] if model["kind"] == "mlp" else [64]
-    if model["kind"] == "cnn" and model["kernel"] % 2 == 0:
-        raise SpecError("model.kernel", "an odd kernel size (same padding)", model["kernel"])
-    data = spec["data"]
-    if data["batch_size"] % data["micro_batches"]:
-        raise SpecError("data.micro_batches", f"a divisor of data.batch_size ({data['batch_size']})",
-                        data["micro_batches"])
     opt = spec["optimizer"]
-    policy = spec["consistency"]["policy"]
-    if opt["staleness_aware"] and policy == "bsp":
+    if opt["staleness_aware"] and spec["consistency"]["policy"] == "bsp":
         raise SpecError("optimizer.staleness_aware", "false under bsp (bsp updates are never stale)", True)
-    if opt["nesterov"] and opt["kind"] != "momentum":
-        raise SpecError("optimizer.nesterov", "false unless optimizer.kind is momentum", True)
     sched = opt["schedule"]
     if sched["kind"] == "cosine" and sched["total_steps"] == 0 and spec["steps"] is not None:
         sched["total_steps"] = spec["steps"]

@@ -43,14 +43,49 @@ class Histogram:
         return out
 
 
+# Every metric a pscluster daemon exports: name -> (type, help). One table for
+# all roles, so a name means one thing whichever daemon serves it.
+KNOWN = {
+    # server shards
+    "pushes_total": ("counter", "Pushes accepted"),
+    "pulls_total": ("counter", "Pulls received"),
+    "duplicates_total": ("counter", "Repeated requests answered from the last reply"),
+    "parked_pulls": ("gauge", "Pulls held by a consistency policy"),
+    "staleness": ("histogram", "Versions between a gradient's base and its application"),
+    "checkpoints_total": ("counter", "Checkpoints written"),
+    # shards and the scheduler
+    "rejected_total": ("counter", "Messages refused with an error reply, by code"),
+    "bytes_received_total": ("counter", "Bytes received"),
+    "bytes_sent_total": ("counter", "Bytes sent"),
+    "internal_errors_total": ("counter", "Bugs hit and survived (logged with a traceback)"),
+    # the scheduler
+    "workers": ("gauge", "Workers registered and alive"),
+    "servers": ("gauge", "Server shards registered and alive"),
+    "jobs_running": ("gauge", "Jobs running"),
+    "jobs_submitted_total": ("counter", "Jobs submitted"),
+    "jobs_finished_total": ("counter", "Jobs ended, by final state"),
+    # workers
+    "steps_total": ("counter", "Training steps completed (one per partition and step)"),
+    "examples_total": ("counter", "Training examples processed"),
+    "step_seconds": ("histogram", "Time of one step: compute, push_pull, waits"),
+    "loss": ("gauge", "Training loss of the last minibatch"),
+    "accuracy": ("gauge", "Training accuracy of the last minibatch"),
+    "test_accuracy": ("gauge", "Last evaluated test accuracy"),
+    "examples_per_second": ("gauge", "Examples per second of the last step"),
+    "assignments_total": ("counter", "Assignments ended, by outcome"),
+    "staleness_seen": ("histogram", "Updates by others between this worker's pull and its push"),
+}
+
+
 class MetricsRegistry:
-    """Named metrics of one daemon. Names follow Prometheus conventions."""
+    """Named metrics of one daemon. Names follow Prometheus conventions; their
+    type and help come from KNOWN unless `describe` says otherwise."""
 
     def __init__(self, prefix: str = "pscluster"):
         self.prefix = prefix
         self._values: dict[tuple[str, tuple], float] = {}
         self._hists: dict[tuple[str, tuple], Histogram] = {}
-        self._help: dict[str, tuple[str, str]] = {}
+        self._help: dict[str, tuple[str, str]] = dict(KNOWN)
 
     def describe(self, name: str, kind: str, text: str) -> None:
         self._help[name] = (kind, text)

@@ -11,41 +11,20 @@ small per-thread scratch buffer instead of slice-sized temporaries.
 All arithmetic is float32 on float32 arrays. The rules are PyTorch's
 formulations (torch.optim.SGD / Adagrad / RMSprop / Adam), with weight decay
 added to the gradient before the rule (coupled L2).
+
+The `optimizer:` spec is protocol/jobspec.py's: `make_optimizer` normalizes
+it there, defaults and rules alike. Clipping uses the global norm a worker
+computes (worker/trainer.py `global_norm`) and sends with its push.
 """
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-KINDS = ("sgd", "momentum", "adagrad", "rmsprop", "adam")
-SCHEDULE_KINDS = ("constant", "step", "cosine")
-
-SCHEDULE_DEFAULTS = {
-    "kind": "constant",
-    "warmup_steps": 0,
-    "step_size": 100,
-    "gamma": 0.1,
-    "total_steps": 0,
-    "min_lr": 0.0,
-}
-DEFAULTS = {
-    "kind": "sgd",
-    "lr": 0.1,
-    "momentum": 0.9,
-    "nesterov": False,
-    "beta1": 0.9,
-    "beta2": 0.999,
-    "eps": 1.0e-8,
-    "rho": 0.9,
-    "weight_decay": 0.0,
-    "clip_norm": 0.0,
-    "staleness_aware": False,
-    "schedule": SCHEDULE_DEFAULTS,
-}
+from protocol.jobspec import normalize_section
 
 # Elements per chunk: 64 Ki float32 = 256 KiB, so the chunks of the
 # parameter, the gradient and the scratch buffers stay in L2 (adam's two
@@ -55,11 +34,6 @@ DEFAULTS = {
 # and whole-array passes are slower again (every pass goes to DRAM).
 CHUNK_ELEMS = 64 * 1024
 
-# Elements per float64 chunk in global_norm. Part of its result, not a speed
-# knob: worker/trainer.py sums with the same chunks so the worker's norm and
-# this one agree to the bit. Change both or neither.
-NORM_CHUNK_ELEMS = 32 * 1024
-
 # Optimizer state arrays per kind (besides adam's 0-d step counter "t").
 _STATE_KEYS = {
     "sgd": (),
@@ -68,85 +42,6 @@ _STATE_KEYS = {
     "rmsprop": ("sq",),
     "adam": ("m", "v"),
 }
-
-
-# --- the spec ------------------------------------------------------------------
-
-def _fail(path: str, expected: str, found: object) -> None:
-    raise ValueError(f"{path}: expected {expected}, found {found!r}")
-
-
-def _real(path: str, value: object, ok, expected: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or not ok(float(value)):
-        _fail(path, expected, value)
-    return float(value)
-
-
-def _int(path: str, value: object, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
-        _fail(path, f"an integer >= {lo}", value)
-    return int(value)
-
-
-def _bool(path: str, value: object) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        _fail(path, "true or false", value)
-    return bool(value)
-
-
-def _choice(path: str, value: object, choices: tuple) -> str:
-    if not isinstance(value, str) or value not in choices:
-        _fail(path, "one of " + ", ".join(choices), value)
-    return value
-
-
-def _known_keys(path: str, spec: Mapping, known: Mapping) -> None:
-    for key in spec:
-        if key not in known:
-            raise ValueError(f"{path}.{key}: unknown field (known: {', '.join(known)})")
-
-
-def normalize_spec(spec: Mapping | None) -> dict:
-    """Return the `optimizer:` spec with every default filled in and every
-    field checked; raise ValueError with one sentence naming the bad field."""
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, Mapping):
-        _fail("optimizer", "a map", spec)
-    _known_keys("optimizer", spec, DEFAULTS)
-    s = {**DEFAULTS, **spec}
-    sched = s["schedule"] if s["schedule"] is not None else {}
-    if not isinstance(sched, Mapping):
-        _fail("optimizer.schedule", "a map", sched)
-    _known_keys("optimizer.schedule", sched, SCHEDULE_DEFAULTS)
-    sched = {**SCHEDULE_DEFAULTS, **sched}
-
-    lr = _real("optimizer.lr", s["lr"], lambda x: x > 0, "a number > 0")
-    unit = "a number in [0, 1)"
-    out = {
-        "kind": _choice("optimizer.kind", s["kind"], KINDS),
-        "lr": lr,
-        "momentum": _real("optimizer.momentum", s["momentum"], lambda x: 0 <= x < 1, unit),
-        "nesterov": _bool("optimizer.nesterov", s["nesterov"]),
-        "beta1": _real("optimizer.beta1", s["beta1"], lambda x: 0 <= x < 1, unit),
-        "beta2": _real("optimizer.beta2", s["beta2"], lambda x: 0 <= x < 1, unit),
-        "eps": _real("optimizer.eps", s["eps"], lambda x: x > 0, "a number > 0"),
-        "rho": _real("optimizer.rho", s["rho"], lambda x: 0 <= x < 1, unit),
-        "weight_decay": _real("optimizer.weight_decay", s["weight_decay"], lambda x: x >= 0, "a number >= 0"),
-        "clip_norm": _real("optimizer.clip_norm", s["clip_norm"], lambda x: x >= 0, "a number >= 0"),
-        "staleness_aware": _bool("optimizer.staleness_aware", s["staleness_aware"]),
-        "schedule": {
-            "kind": _choice("optimizer.schedule.kind", sched["kind"], SCHEDULE_KINDS),
-            "warmup_steps": _int("optimizer.schedule.warmup_steps", sched["warmup_steps"], 0),
-            "step_size": _int("optimizer.schedule.step_size", sched["step_size"], 1),
-            "gamma": _real("optimizer.schedule.gamma", sched["gamma"], lambda x: x > 0, "a number > 0"),
-            "total_steps": _int("optimizer.schedule.total_steps", sched["total_steps"], 0),
-            "min_lr": _real("optimizer.schedule.min_lr", sched["min_lr"], lambda x: 0 <= x <= lr,
-                            f"a number in [0, lr={lr:g}]"),
-        },
-    }
-    return out
 
 
 # --- scratch -----------------------------------------------------------------
@@ -252,7 +147,7 @@ class Optimizer:
     the per-slice state lives beside each slice, from `init_state`)."""
 
     def __init__(self, spec: Mapping | None = None):
-        self.spec = normalize_spec(spec)
+        self.spec = normalize_section("optimizer", spec)
         s = self.spec
         self.kind = s["kind"]
         self._state_keys = _STATE_KEYS[self.kind]
@@ -368,24 +263,10 @@ class Optimizer:
 
 
 def make_optimizer(spec: Mapping | None) -> Optimizer:
-    """Build the optimizer of an `optimizer:` spec (partial specs get the
-    defaults). Raises ValueError with one sentence naming a bad field."""
+    """Build the optimizer of an `optimizer:` spec, normalized by
+    protocol/jobspec.py (partial specs get the job file's defaults and
+    rules). Raises SpecError, a ValueError, with one sentence naming a bad field."""
     return Optimizer(spec)
-
-
-def global_norm(grads: Mapping[str, np.ndarray], *, skip: Iterable[str] = ()) -> float:
-    """The L2 norm of every element of `grads` except the tensors named in
-    `skip`, accumulated in float64 chunk by chunk, as a Python float."""
-    skip = frozenset(skip)
-    total = 0.0
-    for name, g in grads.items():
-        if name in skip:
-            continue
-        flat = np.asarray(g).reshape(-1)
-        for lo in range(0, flat.size, NORM_CHUNK_ELEMS):
-            c = flat[lo:lo + NORM_CHUNK_ELEMS].astype(np.float64)
-            total += float(np.dot(c, c))
-    return math.sqrt(total)
 
 
 class Updater:

@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from protocol.errors import ErrorCode
+from protocol.jobspec import normalize_section
 
 # --- actions -------------------------------------------------------------------
 
@@ -432,24 +433,11 @@ class BSP(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {"asp": ASP, "bsp": BSP, "ssp": SSP}
-CONSISTENCY_DEFAULTS = {"policy": "asp", "staleness": 3}
 
 
 def make_policy(spec: Mapping | None) -> Policy:
-    """Build the policy of a `consistency:` spec (missing fields take their
-    defaults). Raises ValueError with one sentence naming a bad field."""
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, Mapping):
-        # ValueError like every other bad spec field: callers catch one type.
-        raise ValueError(f"consistency: expected a map, found {spec!r}")  # noqa: TRY004
-    for key in spec:
-        if key not in CONSISTENCY_DEFAULTS:
-            raise ValueError(f"consistency.{key}: unknown field (known: {', '.join(CONSISTENCY_DEFAULTS)})")
-    s = {**CONSISTENCY_DEFAULTS, **spec}
-    if not isinstance(s["policy"], str) or s["policy"] not in POLICIES:
-        raise ValueError(f"consistency.policy: expected one of {', '.join(POLICIES)}, found {s['policy']!r}")
-    st = s["staleness"]
-    if isinstance(st, bool) or not isinstance(st, int) or st < 0:
-        raise ValueError(f"consistency.staleness: expected an integer >= 0, found {st!r}")
-    return SSP(st) if s["policy"] == "ssp" else POLICIES[s["policy"]]()
+    """Build the policy of a `consistency:` spec, normalized by
+    protocol/jobspec.py (missing fields take the job file's defaults).
+    Raises SpecError, a ValueError, with one sentence naming a bad field."""
+    s = normalize_section("consistency", spec)
+    return SSP(s["staleness"]) if s["policy"] == "ssp" else POLICIES[s["policy"]]()

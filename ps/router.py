@@ -17,17 +17,21 @@ from protocol.codec import decode, error_frames, sizes
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.metrics import MetricsRegistry
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
-from ps.transport import recv_message, send_reply, split_envelope
+from ps.transport import MAX_DRAIN_MSGS, recv_message, send_reply, split_envelope
 
 # Messages handled per wake-up before the loop's periodic work gets a turn.
-MAX_BATCH_MSGS = 256
+MAX_BATCH_MSGS = MAX_DRAIN_MSGS
 # Plain ints: pyzmq's flag enums cost a microsecond per use on this path.
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
 
+# Longest the loop sleeps in poll before the daemon's periodic work (its tick).
+TICK_INTERVAL_S = 0.1
+
+
 class RouterDaemon:
-    """Mixin: the request side of a ROUTER daemon."""
+    """Mixin: the request side and the loop of a ROUTER daemon (it supplies `tick`, `close`, `now`)."""
 
     ROLE = "daemon"                       # named in UNKNOWN_OP errors: "not served by a <ROLE>"
     sock: zmq.Socket
@@ -35,6 +39,42 @@ class RouterDaemon:
     ops: dict[str, Callable]
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log = logging.getLogger("pscluster")
+
+    stopping: bool = False
+
+    def _serve_loop(self, others: Callable[[], dict]) -> None:
+        """Poll the ROUTER and the daemon's other sockets until `stopping`, then `close()`.
+
+        Each round: drain the ROUTER, call `others()[sock]()` for each other
+        readable socket (the daemon's requests to peers, answered here), then
+        `tick(now)`. `others()` is asked every round, since outgoing sockets
+        come and go; the poller is rebuilt only when they changed. Nothing
+        raised in a callback or a tick ends the loop: it is logged.
+        """
+        poller, polled = None, None
+        try:
+            while not self.stopping:
+                extra = others()
+                if poller is None or polled != set(extra):
+                    poller, polled = zmq.Poller(), set(extra)
+                    poller.register(self.sock, _POLLIN)
+                    for sock in extra:
+                        poller.register(sock, _POLLIN)
+                for sock, _ in poller.poll(int(TICK_INTERVAL_S * 1000)):
+                    if sock is self.sock:
+                        self._drain()
+                    else:
+                        self._guarded(extra[sock])
+                self._guarded(self.tick, self.now())
+        finally:
+            self.close()
+
+    def _guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # the loop must outlive any bug
+            self.log.exception("internal error in the daemon's loop")
+            self.metrics.inc("internal_errors_total")
 
     def _drain(self) -> None:
         """Handle what is waiting on the ROUTER, at most MAX_BATCH_MSGS messages.

@@ -4,7 +4,7 @@ One ROUTER for everyone (servers, workers, users), one loop. Every
 decoded message becomes a `Request` event for the state machine
 (ps/sched/state.py), which holds every rule about jobs, partitions and
 membership; this module only performs what the machine returns: replies
-on the ROUTER, requests to shards (ps/shardlinks.py, whose answers come
+on the ROUTER, requests to shards (ps/shard_calls.py, whose answers come
 back as events), rows written to the job store (ps/registry.py), and
 stopping. A message that does not decode is answered here with an error
 and never reaches the machine; an exception anywhere in the loop is
@@ -26,13 +26,11 @@ from ps.registry import JobStore
 from ps.router import RouterDaemon
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
 from ps.sched.state import HEARTBEAT_TIMEOUT_S, MAX_FAILURES, SchedulerState
-from ps.shardlinks import ShardLinks
+from ps.shard_calls import ShardCalls
 from ps.transport import bind_router
 
 log = logging.getLogger("pscluster.scheduler")
 
-# Longest the loop sleeps in poll before the machine's periodic work.
-TICK_INTERVAL_S = 0.1
 # Parameters a job's model may have by default: a quarter of this machine's
 # memory (shards keep optimizer state beside them, workers gradients).
 MEMORY_SHARE_FOR_MODELS = 4
@@ -60,7 +58,7 @@ class Scheduler(RouterDaemon):
         self.store = JobStore(state_dir)
         records = self.store.load()
         self.sock, self.endpoint = bind_router(self.ctx, bind)
-        self.links = ShardLinks(self.ctx)
+        self.links = ShardCalls(self.ctx)
         self.metrics = metrics or MetricsRegistry()
         self.now = clock
         self.stopping = False
@@ -75,20 +73,8 @@ class Scheduler(RouterDaemon):
 
     def serve(self) -> None:
         log.info("serving", extra={"addr": self.endpoint, "state": str(self.store.path)})
-        try:
-            while not self.stopping:
-                poller = zmq.Poller()
-                poller.register(self.sock, zmq.POLLIN)
-                for s in self.links.poll_sockets():
-                    poller.register(s, zmq.POLLIN)
-                for sock in dict(poller.poll(int(TICK_INTERVAL_S * 1000))):
-                    if sock is self.sock:
-                        self._drain()
-                    else:
-                        self._guarded(self.links.on_readable, sock)
-                self._guarded(self.tick, self.now())
-        finally:
-            self.close()
+        self._serve_loop(lambda: {sock: lambda sock=sock: self.links.on_readable(sock)
+                                  for sock in self.links.poll_sockets()})
 
     def stop(self) -> None:
         self.stopping = True
@@ -102,13 +88,6 @@ class Scheduler(RouterDaemon):
         """Periodic work (time passed in): shard requests' re-sends, then the machine's tick."""
         self.links.tick(now)
         self._perform(self.state.handle(Tick(now)))
-
-    def _guarded(self, fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception:  # the loop must outlive any bug
-            log.exception("internal error in the scheduler loop")
-            self.metrics.inc("internal_errors_total")
 
     # --- the machine's I/O ---
 

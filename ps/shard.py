@@ -10,6 +10,11 @@ Requests are safe to repeat: a push is identified by
 (job, worker, rid); a repeated one is answered from the last reply instead
 of being applied twice, and a repeated parked pull takes over the old one's
 place with the new socket's identity.
+
+Constructing a shard binds its socket and nothing else. `start()` (called
+by `serve()` if the caller did not) claims a shard id from the scheduler when
+none was given, restores checkpoints and registers; everything said to the
+scheduler goes through the shard's SchedulerLink (ps/scheduler_link.py).
 """
 from __future__ import annotations
 
@@ -20,10 +25,10 @@ from collections.abc import Callable
 
 import zmq
 
-from protocol.codec import decode, encode
+from protocol.codec import encode
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import MAX_WORKERS
-from protocol.messages import Heartbeat, Message, Ok, PushPull, Register
+from protocol.messages import Message, Ok, PushPull
 from protocol.metrics import MetricsRegistry
 from protocol.partitions import partition_key
 from protocol.plan import Plan
@@ -32,18 +37,13 @@ from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps import checkpoint
 from ps.optim import make_optimizer
 from ps.policy import Accumulate, Answer, Apply, ApplyMean, Duplicate, Park, Policy, Refuse, Release, make_policy
-from ps.router import MAX_BATCH_MSGS, RouterDaemon
+from ps.router import RouterDaemon
+from ps.scheduler_link import CLAIM_TIMEOUT_S, SchedulerLink
 from ps.table import JobTable
 from ps.transport import bind_router
 
 log = logging.getLogger("pscluster.server")
 
-# How often the shard tells the scheduler it is alive (Paranoid Pirate).
-HEARTBEAT_INTERVAL_S = 1.0
-# Longest the loop sleeps in poll before running periodic work.
-TICK_INTERVAL_S = 0.1
-# How long a server without --shard-id waits for the scheduler to give it one.
-CLAIM_TIMEOUT_S = 30.0
 # Upper bounds of the staleness histogram (in versions).
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -58,7 +58,10 @@ class Shard(RouterDaemon):
                  scheduler: str | None = None, advertise: str | None = None,
                  checkpoint_dir: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 registry: MetricsRegistry | None = None, clock: Callable[[], float] = time.monotonic):
+                 registry: MetricsRegistry | None = None, clock: Callable[[], float] = time.monotonic,
+                 claim_timeout_s: float = CLAIM_TIMEOUT_S):
+        if shard_id is None and not scheduler:
+            raise RuntimeError("a server without --shard-id needs --scheduler to assign it one")
         self.shard_id = shard_id
         self.ctx = ctx or zmq.Context.instance()
         self.sock, self.endpoint = bind_router(self.ctx, bind)
@@ -73,9 +76,10 @@ class Shard(RouterDaemon):
         self.last_reply: dict[tuple, tuple] = {}  # (job, worker) -> (rid, frames or None)
         self.stopping = False
         self.scheduler_addr = scheduler
-        self.sched_sock: zmq.Socket | None = None
-        self._next_heartbeat = 0.0
-        self._rid = 0
+        self.claim_timeout_s = claim_timeout_s
+        self.link = SchedulerLink(self.ctx, scheduler, advertise=self.advertise, shard=shard_id,
+                                  jobs=self._job_summaries) if scheduler else None
+        self._started = False
         self.ops = {
             "create": self.on_create, "pull": self.on_pull, "push": self.on_push,
             "push_pull": self.on_push_pull, "membership": self.on_membership, "stats": self.on_stats,
@@ -84,49 +88,53 @@ class Shard(RouterDaemon):
         self._staleness_hists: dict = {}  # job -> its staleness histogram
         self._repeats: set = set()         # push tokens a policy answered as Duplicate
         self._parked_gauge = 0
-        self._describe_metrics()
         self.metrics.set("parked_pulls", 0)
-        if shard_id is None:
-            self._claim_shard_id()
-        if checkpoint_dir:
-            self._restore_all()
 
     # --- lifecycle ---
 
+    def start(self) -> None:
+        """Startup, once: claim a shard id if none was given (bounded by claim_timeout_s),
+        restore checkpoints, register with the scheduler.
+
+        RuntimeError (the sockets closed) if the scheduler gives no id in time.
+        """
+        if self._started:
+            return
+        self._started = True
+        registered = False
+        if self.shard_id is None:
+            try:
+                self.shard_id = self.link.claim(self.claim_timeout_s)
+            except RuntimeError:
+                self.close()
+                raise
+            registered = True
+        if self.checkpoint_dir:
+            self._restore_all()
+        if self.link is not None and not registered:
+            self.link.register()
+
     def serve(self) -> None:
         """Answer requests until `shutdown` arrives or `stop()` is called; then close the sockets."""
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        if self.scheduler_addr:
-            if self.sched_sock is None:
-                self._connect_scheduler()
-            poller.register(self.sched_sock, zmq.POLLIN)
+        self.start()
+        link_sock = self.link.connect() if self.link is not None else None
+        others = {link_sock: self.link.on_readable} if link_sock is not None else {}
         log.info("serving", extra={"shard": self.shard_id, "addr": self.endpoint})
-        try:
-            while not self.stopping:
-                events = dict(poller.poll(int(TICK_INTERVAL_S * 1000)))
-                if self.sock in events:
-                    self._drain()
-                if self.sched_sock is not None and self.sched_sock in events:
-                    self._drain_scheduler()
-                self.tick(self.now())
-        finally:
-            self.close()
+        self._serve_loop(lambda: others)
 
     def stop(self) -> None:
         self.stopping = True
 
     def close(self) -> None:
         self.sock.close(0)
-        if self.sched_sock is not None:
-            self.sched_sock.close(0)
-            self.sched_sock = None
+        if self.link is not None:
+            self.link.close()
 
     def tick(self, now: float) -> None:
         """Periodic work: heartbeats to the scheduler. Time is passed in, so tests move it by hand."""
-        if self.sched_sock is not None and now >= self._next_heartbeat:
-            self._next_heartbeat = now + HEARTBEAT_INTERVAL_S
-            self._send_scheduler(Heartbeat(role="server", state=self._heartbeat_state()))
+        link = self.link
+        if link is not None and now >= link.next_beat:  # checked here: no call per message when none is due
+            link.tick(now)
 
     # --- dispatch (decode, op table, errors: ps/router.py) ---
 
@@ -393,82 +401,17 @@ class Shard(RouterDaemon):
                 table = JobTable(job, plan, self.shard_id, make_optimizer(meta["optimizer"]),
                                  Policy.from_state(meta["policy"]), nonlearned=meta["nonlearned"],
                                  initial=values, checkpoint_every=meta["checkpoint_every"])
-                for sid, arrays in state.items():
-                    for key, arr in arrays.items():
-                        table.opt_state[sid][key][...] = arr
+                table.load_state(state)
             except Exception as exc:  # an unreadable checkpoint must not stop the shard serving others
                 log.error("checkpoint not restored", extra={"job": job, "path": str(path), "why": repr(exc)})
                 continue
             self.tables[job] = table
             log.info("restored", extra={"job": job, "version": table.version, "path": str(path)})
 
-    # --- scheduler link ---
+    def _job_summaries(self) -> dict:
+        """Every table's summary by job: what heartbeats tell the scheduler."""
+        return {job: t.summary() for job, t in self.tables.items()}
 
-    def _connect_scheduler(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100)
-        sock.connect(self.scheduler_addr)
-        self.sched_sock = sock
-        self._register()
-
-    def _register(self) -> None:
-        """Announce this shard (id, or -1 to be given one; address; jobs it holds) to the scheduler."""
-        self._send_scheduler(Register(role="server", addr=self.advertise,
-                                      shard=-1 if self.shard_id is None else self.shard_id,
-                                      info={"host": pysocket.gethostname(), "jobs": sorted(self.tables)}))
-
-    def _claim_shard_id(self) -> None:
-        """Ask the scheduler for a shard id (blocking, up to CLAIM_TIMEOUT_S); RuntimeError if none comes."""
-        if not self.scheduler_addr:
-            raise RuntimeError("a server without --shard-id needs --scheduler to assign it one")
-        self._connect_scheduler()
-        if self.sched_sock.poll(int(CLAIM_TIMEOUT_S * 1000)):
-            reply = decode(self.sched_sock.recv_multipart())
-            if isinstance(reply, Ok) and isinstance(reply.body.get("shard"), int):
-                self.shard_id = reply.body["shard"]
-                log.info("shard id assigned", extra={"shard": self.shard_id})
-                return
-        self.close()
-        raise RuntimeError(f"the scheduler at {self.scheduler_addr} did not assign a shard id "
-                           f"within {CLAIM_TIMEOUT_S:g}s")
-
-    def _send_scheduler(self, msg: Message) -> None:
-        self._rid += 1
-        frames = encode(type(msg)(**{**msg.__dict__, "rid": self._rid}))
-        try:
-            self.sched_sock.send_multipart(frames, zmq.DONTWAIT, copy=False)
-        except zmq.Again:
-            pass  # the scheduler is away; the next heartbeat tries again
-
-    def _drain_scheduler(self) -> None:
-        for _ in range(MAX_BATCH_MSGS):
-            try:
-                frames = self.sched_sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                reply = decode(frames)
-            except ProtocolError:
-                continue
-            if isinstance(reply, Ok) and reply.body.get("reregister"):
-                self._register()
-
-    def _heartbeat_state(self) -> dict:
-        return {"shard": self.shard_id, "addr": self.advertise,
-                "jobs": {job: t.summary() for job, t in self.tables.items()}}
-
-    def _describe_metrics(self) -> None:
-        m = self.metrics
-        m.describe("pushes_total", "counter", "Pushes accepted")
-        m.describe("pulls_total", "counter", "Pulls received")
-        m.describe("duplicates_total", "counter", "Repeated requests answered from the last reply")
-        m.describe("rejected_total", "counter", "Messages refused with an error reply, by code")
-        m.describe("bytes_received_total", "counter", "Bytes received")
-        m.describe("bytes_sent_total", "counter", "Bytes sent")
-        m.describe("parked_pulls", "gauge", "Pulls held by a consistency policy")
-        m.describe("staleness", "histogram", "Versions between a gradient's base and its application")
-        m.describe("checkpoints_total", "counter", "Checkpoints written")
 
 
 def _plan_or_error(msg) -> Plan:

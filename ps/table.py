@@ -55,6 +55,30 @@ class JobTable:
     def version(self) -> int:
         return self.policy.version
 
+    def load_state(self, opt_state: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        """Take the optimizer state of a checkpoint (sid -> key -> array), checked whole before any is used.
+
+        Every learned slice must get exactly the keys its optimizer keeps
+        (a slice whose optimizer keeps none may be absent), each with the
+        shape it has here; ValueError names the first that does not, and
+        then nothing was changed.
+        """
+        unknown = sorted(set(opt_state) - self.learned)
+        if unknown:
+            raise ValueError(f"optimizer state for slice {unknown[0]} that this table does not learn")
+        for sid in sorted(self.learned):
+            have, got = self.opt_state[sid], opt_state.get(sid, {})
+            if set(got) != set(have):
+                raise ValueError(f"optimizer state of slice {sid} has keys {sorted(got)}; "
+                                 f"the optimizer keeps {sorted(have)}")
+            for key, arr in got.items():
+                if np.shape(arr) != have[key].shape:
+                    raise ValueError(f"optimizer state {key!r} of slice {sid} has shape {np.shape(arr)}; "
+                                     f"expected {have[key].shape}")
+        for sid, state in opt_state.items():
+            for key, arr in state.items():
+                self.opt_state[sid][key][...] = arr
+
     # --- reads ---
 
     def read(self, sids: Iterable[int] | None = None) -> list[SliceData]:

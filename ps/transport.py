@@ -1,8 +1,11 @@
-"""Socket set-up shared by the daemons in `ps/`: bind, send, receive safely.
+"""Socket set-up shared by the daemons in `ps/`: bind, connect, send, receive safely.
 
 The one module of `ps/` besides the daemon loops that knows about ZeroMQ
-sockets (README.md, "Development"): ROUTER with ROUTER_MANDATORY, linger 0,
-bounded high-water marks.
+sockets (README.md, "Development"): ROUTER with ROUTER_MANDATORY, DEALER
+to a peer, both with linger 0 and bounded high-water marks; one whole
+message received at a time; a socket drained with a bound. `worker/` has
+its own small twin (worker/transport.py): the two packages never import
+each other, and protocol/ knows nothing of sockets.
 
 It also tunes the C allocator once per process (`protocol.buffers.keep_freed_buffers`):
 ZeroMQ allocates a fresh buffer for every message frame it receives, and
@@ -14,16 +17,26 @@ doubled the push time (measured with `psctl bench pushpull`).
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
 from protocol.buffers import keep_freed_buffers
 
-# Messages queued per peer before ZeroMQ pushes back. Bounded so one slow
-# peer cannot make a daemon hold unbounded memory; 1000 is ZeroMQ's default.
+# Messages (not bytes) queued per peer, each way, before ZeroMQ pushes back:
+# a send that would pass it raises zmq.Again (our sends never block) and the
+# peer re-asks. Bounded so one slow or dead peer cannot make a daemon hold
+# unbounded memory; in service a request socket holds a handful (one request
+# per job and op at most), so 1000, ZeroMQ's default, is never reached.
 SEND_HWM_MSGS = 1000
 RECV_HWM_MSGS = 1000
+# Messages queued on a socket that carries heartbeats (a shard's link to the
+# scheduler) while the scheduler is away. A beat is stale the moment the next
+# one is due, so a short queue; beyond it beats are dropped, not queued.
+HEARTBEAT_SEND_HWM_MSGS = 10
+# Messages handled per wake-up of a loop before its periodic work (heartbeats,
+# re-sends, ticks) gets a turn: bounded so a flood cannot starve them.
+MAX_DRAIN_MSGS = 256
 # Frames smaller than this are copied into ZeroMQ's own buffer rather than
 # lent zero-copy: pyzmq's own cut-off, below which lending costs more than it saves.
 COPY_THRESHOLD_BYTES = zmq.COPY_THRESHOLD
@@ -62,8 +75,28 @@ def bind_router(ctx: zmq.Context, addr: str) -> tuple[zmq.Socket, str]:
     return sock, endpoint
 
 
+def connect_dealer(ctx: zmq.Context, addr: str, *, send_hwm: int = SEND_HWM_MSGS,
+                   recv_hwm: int = RECV_HWM_MSGS) -> zmq.Socket:
+    """A DEALER connected to `addr`: linger 0, high-water marks in messages.
+
+    Raises zmq.ZMQError (the socket closed) when ZeroMQ cannot use the address.
+    """
+    keep_freed_buffers()  # before the socket starts the context's I/O thread
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, send_hwm)
+    sock.setsockopt(zmq.RCVHWM, recv_hwm)
+    try:
+        sock.connect(addr)
+    except zmq.ZMQError:
+        sock.close(0)
+        raise
+    return sock
+
+
 # Plain ints: pyzmq's flag enums cost a microsecond per use on the data path.
 _NOBLOCK = int(zmq.NOBLOCK)
+_DONTWAIT = int(zmq.DONTWAIT)
 _SNDMORE = int(zmq.SNDMORE)
 _FIRST_FLAGS = int(zmq.SNDMORE | zmq.DONTWAIT)
 
@@ -81,6 +114,26 @@ def recv_message(sock: zmq.Socket) -> list[zmq.Frame]:
         frame = sock.recv(_NOBLOCK, copy=False)
         frames.append(frame)
     return frames
+
+
+def drain(sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: int = MAX_DRAIN_MSGS) -> int:
+    """Hand `handle` each whole message waiting on `sock`, at most `limit`; returns how many."""
+    for count in range(limit):
+        try:
+            frames = recv_message(sock)
+        except zmq.Again:
+            return count
+        handle(frames)
+    return limit
+
+
+def send_nowait(sock: zmq.Socket, frames: Sequence) -> bool:
+    """Send one message on a DEALER without blocking; False if its queue is full (the peer is away)."""
+    try:
+        sock.send_multipart(frames, _DONTWAIT, copy=False)
+    except zmq.Again:
+        return False
+    return True
 
 
 def split_envelope(frames: Sequence[zmq.Frame]) -> tuple[list, list]:

@@ -2,134 +2,61 @@
 
 A daemon announces itself with one `READY {json}` line on stdout; tests
 wait for that line (with a timeout), never for a sleep. Every process a
-test starts is killed and reaped when the test ends, pass or fail.
+test starts is killed and reaped when the test ends, pass or fail. The
+process handling itself is worker/local_cluster.py's (what `psctl run` and
+the benchmarks use); this adds the test's view: stderr kept in a file, a
+failed start as an AssertionError that shows it.
 """
 from __future__ import annotations
 
-import json
 import os
-import select
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from worker.local_cluster import Child, NotReady, child_env
+
+__all__ = ["PSCTL", "Proc", "ProcGroup", "child_env", "run_psctl"]
 
 PSCTL = str(Path(sys.executable).parent / "psctl")
 READY_TIMEOUT_S = 30.0
-# Several processes share 2 cores in these tests; threaded BLAS on small
-# matrices only makes them fight (see worker/cli/cmd_run.py).
-QUIET_BLAS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def child_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    for key, value in QUIET_BLAS.items():
-        env.setdefault(key, value)
-    env.update(extra or {})
-    return env
-
-
-class Proc:
-    """One child process with its stdout read line by line (bounded waits)."""
+class Proc(Child):
+    """One child process (its own process group) with its stdout read line by line and its stderr in a file."""
 
     def __init__(self, args: list[str], *, env: dict | None = None, cwd: str | None = None):
-        self.args = args
         self.stderr_file = tempfile.NamedTemporaryFile(prefix="psctl-", suffix=".log", delete=False)
-        self.popen = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self.stderr_file, env=child_env(env), cwd=cwd,
-            start_new_session=True,  # its own process group: we can signal it and its children
-        )
-        self._buf = b""
-        self.lines: list[str] = []
-        self.ready: dict | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def readline(self, timeout: float) -> str | None:
-        """The next stdout line, or None at EOF or timeout."""
-        deadline = time.monotonic() + timeout
-        fd = self.popen.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            r, _, _ = select.select([fd], [], [], left)
-            if not r:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            self._buf += chunk
-        if b"\n" not in self._buf:
-            line, self._buf = self._buf, b""
-            return line.decode(errors="replace") if line else None
-        line, self._buf = self._buf.split(b"\n", 1)
-        text = line.decode(errors="replace")
-        self.lines.append(text)
-        return text
+        try:
+            super().__init__(args, stderr=self.stderr_file, env=env, cwd=cwd)
+        except BaseException:
+            self._remove_log()
+            raise
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict:
         """Block until the READY line; raise with the process's stderr if it never comes."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.readline(deadline - time.monotonic())
-            if line is None:
-                break
-            if line.startswith("READY "):
-                self.ready = json.loads(line[6:])
-                return self.ready
-        raise AssertionError(f"{' '.join(self.args)} not ready within {timeout}s "
-                             f"(exit={self.popen.poll()}):\n{self.stderr()}")
-
-    def read_rest(self, timeout: float) -> str:
-        """Everything left on stdout until EOF (or timeout)."""
-        out = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.readline(deadline - time.monotonic())
-            if line is None:
-                break
-            out.append(line)
-        return "\n".join(out)
+        try:
+            return super().wait_ready(timeout)
+        except NotReady as exc:
+            raise AssertionError(f"{exc} (exit={self.popen.poll()}):\n{self.stderr()}") from None
 
     def stderr(self) -> str:
         return Path(self.stderr_file.name).read_text(errors="replace")[-8000:]
 
-    def wait(self, timeout: float) -> int:
-        return self.popen.wait(timeout=timeout)
-
-    def signal(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL the process group and reap it."""
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, wait, then SIGKILL; always reaps."""
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGTERM)
-                self.popen.wait(timeout=timeout)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        self.kill()
-        self.popen.stdout.close()
+        """SIGTERM, wait, then SIGKILL; always reaps; removes the stderr file."""
+        try:
+            super().stop(timeout)
+        finally:
+            self._remove_log()
+
+    def _remove_log(self) -> None:
         self.stderr_file.close()
-        os.unlink(self.stderr_file.name)
+        try:
+            os.unlink(self.stderr_file.name)
+        except FileNotFoundError:
+            pass
 
 
 class ProcGroup:

@@ -12,7 +12,8 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from worker.cli import cmd_bench_pushpull as bench
+from worker.bench import pushpull as bench
+from worker.cli.cmd_bench_pushpull import pushpull
 
 ROW_FIELDS = {"op", "size", "median_s", "p90_s", "raw_median_s", "slowdown", "floor_median_s", "over_floor"}
 
@@ -39,7 +40,7 @@ def alive(pid: int) -> bool:
 
 
 def test_json_rows_and_every_process_reaped(started):
-    result = CliRunner().invoke(bench.pushpull, [
+    result = CliRunner().invoke(pushpull, [
         "--servers", "2", "--size", "4KiB", "--size", "64KiB", "--partition-bytes", "16KiB",
         "--repeat", "3", "--json"])
     assert result.exit_code == 0, result.output
@@ -65,21 +66,21 @@ def test_failure_mid_run_still_reaps(started, monkeypatch):
         raise RuntimeError("measurement failed")
 
     monkeypatch.setattr(bench, "bench_size", broken)
-    result = CliRunner().invoke(bench.pushpull, ["--size", "4KiB", "--repeat", "1"])
+    result = CliRunner().invoke(pushpull, ["--size", "4KiB", "--repeat", "1"])
     assert isinstance(result.exception, RuntimeError)
     assert len(started) == 2
     assert not [pid for pid in started if alive(pid)]
 
 
 def test_bad_size_is_refused_before_anything_starts(started):
-    result = CliRunner().invoke(bench.pushpull, ["--size", "4097"])
+    result = CliRunner().invoke(pushpull, ["--size", "4097"])
     assert result.exit_code != 0
     assert "multiple of 4" in result.output
     assert started == []
 
 
 def test_table_output_names_every_column(started):
-    result = CliRunner().invoke(bench.pushpull, ["--size", "8KiB", "--repeat", "2"])
+    result = CliRunner().invoke(pushpull, ["--size", "8KiB", "--repeat", "2"])
     assert result.exit_code == 0, result.output
     header = result.output.splitlines()[1]
     for column in ("median ms", "p90 ms", "GB/s", "raw median ms", "slowdown", "floor ms", "over floor"):
@@ -91,11 +92,11 @@ def test_floor_server_really_updates_and_echo_stays_plain(tmp_path):
     """The floor must do the work it claims: a one-pass update of the server's own parameters."""
     import numpy as np
 
-    from worker.cli.raw_echo import EchoClient
+    from worker.bench.raw_echo import EchoClient
 
     children = bench.LocalCluster(str(tmp_path))
     try:
-        addr = children.start("echo", "--bind", "tcp://127.0.0.1:0", module="worker.cli.raw_echo")["addr"]
+        addr = children.start("echo", "--bind", "tcp://127.0.0.1:0", module="worker.bench.raw_echo")["addr"]
         echo = EchoClient([addr], timeout_s=10)
         try:
             grads = [np.full(8, 1.5, np.float32), np.full(4, 0.25, np.float32)]

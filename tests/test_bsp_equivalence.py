@@ -29,7 +29,8 @@ from ps.optim import Updater, make_optimizer
 from worker.client import ParamClient
 from worker.data import load_dataset, worker_batches
 from worker.nn.model import build_model
-from worker.trainer import LocalTrainer, accumulate_gradients, global_norm
+from worker.step import accumulate_gradients, global_norm
+from worker.trainer import LocalTrainer
 
 STEPS = 10
 BATCH = 16

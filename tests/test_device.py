@@ -86,7 +86,7 @@ def test_cpu_install_never_imports_cupy():
     code = (
         "import sys\n"
         "from worker.device import select_device\n"
-        "import worker.nn, worker.nn.bench\n"
+        "import worker.nn, worker.bench.nn\n"
         "from worker.nn import build_model\n"
         "m = build_model({'kind': 'cnn'}, (1, 8, 8), 3, xp=select_device('cpu').xp)\n"
         "import numpy as np\n"

@@ -12,8 +12,7 @@ from ps.sched.jobs import QUEUED, RUNNING, SUCCEEDED, JobRecord, JobRun, Partiti
 from tests.test_spec_partitions import DIGITS, job
 from worker.data import load_dataset, worker_batches
 from worker.nn.model import build_model
-from worker.step import Diverged, dropout_seed, partitions_step
-from worker.trainer import accumulate_gradients, global_norm
+from worker.step import Diverged, accumulate_gradients, dropout_seed, global_norm, partitions_step
 
 # --- ps/registry.py: JobStore ---------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The layout is honest: protocol/ has no sockets; ps/ and worker/ never import each other.
+"""The layout is honest: protocol/ has no sockets; ps/ and worker/ never import each other;
+only the modules that own sockets import zmq (the command line none); no import cycles.
 
 Checked on the source (every import statement of every module), so a lazy
 import inside a function counts too, the command line included: ps/cli
@@ -75,11 +76,92 @@ def test_importing_the_cli_loads_neither_worker_nor_cupy():
 
 
 def test_only_daemon_loops_and_clients_own_sockets():
-    """zmq is imported only by the modules that own sockets."""
-    owners = {"ps/shard.py", "ps/scheduler.py", "ps/shardlinks.py", "ps/transport.py", "ps/router.py",
-              "worker/client.py",
-              "worker/sched_client.py", "worker/heartbeat.py", "worker/daemon.py"}
+    """zmq is imported only by the modules that own sockets: never by the command line (ps/cli, worker/cli)."""
+    owners = {"ps/shard.py", "ps/scheduler.py", "ps/shard_calls.py", "ps/transport.py", "ps/router.py",
+              "worker/client.py", "worker/transport.py",
+              "worker/sched_client.py", "worker/heartbeat.py", "worker/daemon.py",
+              "worker/bench/raw_echo.py"}  # the raw pyzmq reference of `psctl bench pushpull`
     users = {str(p.relative_to(ROOT)) for pkg in ("ps", "worker") for p in modules(pkg)
-             if "cli" not in p.parts and any(roots(n) == "zmq" for n, _ in imports_of(p))}
-    # (the benchmarks' raw pyzmq reference in worker/cli is the one socket owner outside these)
+             if any(roots(n) == "zmq" for n, _ in imports_of(p))}
     assert users <= owners, users - owners
+
+
+# --- import cycles ----------------------------------------------------------------
+
+PACKAGES = ("protocol", "ps", "worker")
+
+
+def module_name(path: Path) -> str:
+    """protocol/codec.py -> protocol.codec; worker/nn/__init__.py -> worker.nn."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(packages=PACKAGES) -> dict[str, set[str]]:
+    """Module -> the modules of `packages` it imports, anywhere in its source (functions included).
+
+    `import a.b` is an edge to a.b; `from X import Y` to the module X.Y when
+    there is one (a submodule), else to X; relative imports are resolved
+    against the importing module's package. Imports of other packages are left out.
+    """
+    paths = {module_name(p): p for pkg in packages for p in modules(pkg)}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges.update(alias.name for alias in node.names if alias.name in paths)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*anchor, base] if base else anchor)
+                for alias in node.names:
+                    target = f"{base}.{alias.name}"
+                    edges.add(target if target in paths else base)
+        graph[name] = {m for m in edges if m in paths and m != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as [a, b, ..., a], or None if it has none (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        path, stack = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a", "c"}}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"x": {"y"}, "y": {"z", "w"}, "z": set(), "w": {"y"}}) == ["w", "y", "w"]
+    assert find_cycle({"self": {"self"}}) == ["self", "self"]
+
+
+def test_the_import_graph_sees_lazy_and_from_imports():
+    graph = import_graph()
+    assert "worker.local_cluster" in graph["worker.cli.cmd_run"]            # inside the command function
+    assert "worker.bench.raw_echo" in graph["worker.bench.pushpull"]        # from worker.bench.raw_echo import ...
+    assert "protocol.jobstate" in graph["worker.cli.cmd_jobs"]              # from a module, a name
+    assert "worker.bench.nn" in graph["worker.cli.cmd_bench_nn"]
+
+
+def test_no_import_cycles():
+    """No module of protocol/, ps/ or worker/ imports itself through others, not even lazily."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

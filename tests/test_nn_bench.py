@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from worker.cli.cmd_bench_nn import nn
-from worker.nn import build_model
-from worker.nn.bench import (
+from worker.bench.nn import (
     CNN_INPUT,
     CNN_SPEC,
     MLP_INPUT,
@@ -18,6 +16,8 @@ from worker.nn.bench import (
     run_nn_bench,
     train_step_flops,
 )
+from worker.cli.cmd_bench_nn import nn
+from worker.nn import build_model
 
 ROW_KEYS = {"model", "batch", "examples_per_s", "gflops", "matmul_gflops", "ratio"}
 
@@ -41,8 +41,8 @@ def test_flop_count_of_the_cnn():
 
 
 def test_run_nn_bench_rows(monkeypatch):
-    monkeypatch.setattr("worker.nn.bench.REPEATS", 2)  # a smoke run, not a measurement
-    monkeypatch.setattr("worker.nn.bench.WARMUP_CALLS", 1)
+    monkeypatch.setattr("worker.bench.nn.REPEATS", 2)  # a smoke run, not a measurement
+    monkeypatch.setattr("worker.bench.nn.WARMUP_CALLS", 1)
     rows = run_nn_bench("cpu", min_time_s=0.01)
     assert [r["model"].split()[0] for r in rows] == ["mlp", "cnn"]
     for row in rows:
@@ -69,7 +69,7 @@ def fake_bench(monkeypatch):
         calls.append((device, min_time_s))
         return FAKE_ROWS
 
-    monkeypatch.setattr("worker.nn.bench.run_nn_bench", fake)
+    monkeypatch.setattr("worker.bench.nn.run_nn_bench", fake)
     return calls
 
 

@@ -65,9 +65,9 @@ def test_gpu_dropout_and_load(gpu):
 
 
 def test_gpu_bench_runs(gpu, monkeypatch):
-    from worker.nn.bench import run_nn_bench
+    from worker.bench.nn import run_nn_bench
 
-    monkeypatch.setattr("worker.nn.bench.REPEATS", 2)
+    monkeypatch.setattr("worker.bench.nn.REPEATS", 2)
     rows = run_nn_bench("gpu", min_time_s=0.05)
     assert {r["device"] for r in rows} == {"gpu"}
     assert all(r["ratio"] > 0 for r in rows)

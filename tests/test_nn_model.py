@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from protocol.jobspec import ACTIVATIONS as JOB_ACTIVATIONS
+from protocol.jobspec import INITS as JOB_INITS
+from protocol.jobspec import SpecError, normalize_section
 from worker.nn import BatchNorm, Dropout, build_model
+from worker.nn.init import INIT_NAMES
+from worker.nn.model import ACTIVATIONS, count_values
 
 MLP = {"kind": "mlp", "hidden": [16, 8], "activation": "relu", "dropout": 0.0,
        "batchnorm": False, "init": "he", "channels": [8, 16], "kernel": 3}
@@ -264,15 +269,57 @@ def test_input_shape_is_checked():
         (CNN, (8, 8), "image input"),
         ({**CNN, "channels": [4, 4, 4, 4]}, (1, 8, 8), "too small for 4 pooling stages"),
         ({**CNN, "channels": [4]}, (1, 1, 8), "too small"),
-        ({**CNN, "kernel": 4}, (1, 8, 8), "odd"),
-        ({**CNN, "channels": []}, (1, 8, 8), "at least one conv stage"),
-        ({**MLP, "kind": "rnn"}, (6,), "unknown model kind"),
-        ({**MLP, "activation": "gelu"}, (6,), "unknown activation"),
-        ({**MLP, "init": "lecun"}, (6,), "unknown init"),
-        ({**MLP, "hidden": [0]}, (6,), "hidden widths"),
-        ({**MLP, "dropout": 1.0}, (6,), "dropout"),
+        (MLP, (), "input shape"),
+        (MLP, (6, 0), "input shape"),
     ],
 )
-def test_impossible_specs(spec, shape, match):
+def test_data_that_does_not_fit_the_model(spec, shape, match):
     with pytest.raises(ValueError, match=match):
         build_model(spec, shape, 3)
+    with pytest.raises(ValueError, match=match):
+        count_values(spec, shape, 3)
+
+
+def test_a_model_needs_a_class():
+    with pytest.raises(ValueError, match="at least one class"):
+        build_model(MLP, (6,), 0)
+
+
+@pytest.mark.parametrize(
+    "spec,path",
+    [
+        ({**CNN, "kernel": 4}, "model.kernel"),
+        ({**CNN, "channels": []}, "model.channels"),
+        ({**MLP, "kind": "rnn"}, "model.kind"),
+        ({**MLP, "activation": "gelu"}, "model.activation"),
+        ({**MLP, "init": "lecun"}, "model.init"),
+        ({**MLP, "hidden": [0]}, "model.hidden"),
+        ({**MLP, "dropout": 1.0}, "model.dropout"),
+        ({**MLP, "depth": 3}, "model.depth"),
+        ({"hidden": [8]}, "model.kind"),
+    ],
+)
+def test_bad_specs_are_the_job_files_errors(spec, path):
+    with pytest.raises(SpecError) as info:
+        build_model(spec, (1, 8, 8), 3)
+    assert info.value.path == path
+    assert str(info.value).startswith(path + ": ") and "\n" not in str(info.value)
+    with pytest.raises(SpecError, match=path):
+        count_values(spec, (1, 8, 8), 3)
+
+
+def test_a_partial_spec_takes_the_job_files_defaults():
+    partial = {"kind": "mlp", "hidden": [32]}
+    full = normalize_section("model", partial)
+    a = build_model(partial, (6,), 3, seed=2)
+    b = build_model(full, (6,), 3, seed=2)
+    assert a.param_shapes() == b.param_shapes()
+    assert all(np.array_equal(x, b.arrays()[k]) for k, x in a.arrays().items())
+    assert count_values(partial, (6,), 3) == count_values(full, (6,), 3) == a.num_params()
+    cnn = build_model({"kind": "cnn"}, (1, 8, 8), 10)
+    assert cnn.params["dense0.W"].shape[1] == normalize_section("model", {"kind": "cnn"})["hidden"][0]
+
+
+def test_the_schema_and_the_layers_know_the_same_names():
+    assert tuple(ACTIVATIONS) == JOB_ACTIVATIONS
+    assert tuple(INIT_NAMES) == JOB_INITS

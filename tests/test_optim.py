@@ -1,5 +1,6 @@
 """Server-side optimizer math (ps/optim.py): each rule against a float64
-reference, schedules, clipping, slice-vs-whole bit equality, spec errors."""
+reference, schedules, clipping, slice-vs-whole bit equality, and the spec
+errors make_optimizer passes on from protocol/jobspec.py."""
 from __future__ import annotations
 
 import io
@@ -9,8 +10,10 @@ import math
 import numpy as np
 import pytest
 
+from protocol.jobspec import OPTIMIZER, OPTIMIZERS, SCHEDULE, SpecError, normalize_section
 from ps import optim
-from ps.optim import Optimizer, Updater, global_norm, make_optimizer, normalize_spec
+from ps.optim import Optimizer, Updater, make_optimizer
+from worker.step import NORM_CHUNK_ELEMS, global_norm
 
 KIND_SPECS = {
     "sgd": {"kind": "sgd", "lr": 0.1},
@@ -24,7 +27,7 @@ KIND_SPECS = {
 
 def reference_run(spec: dict, p0: np.ndarray, grads: list, *, grad_scale=1.0, lr_scale=1.0):
     """The textbook algorithms in float64 (Adam as in Kingma & Ba, Alg. 1)."""
-    s = normalize_spec(spec)
+    s = normalize_section("optimizer", spec)
     p = p0.astype(np.float64)
     buf = np.zeros_like(p)
     buf2 = np.zeros_like(p)
@@ -304,11 +307,19 @@ def test_staleness_scale():
 def test_partial_spec_gets_defaults_and_normalizing_is_idempotent():
     opt = make_optimizer({"kind": "sgd", "lr": 1})
     assert opt.spec["lr"] == 1.0 and isinstance(opt.spec["lr"], float)
-    assert opt.spec["schedule"] == optim.SCHEDULE_DEFAULTS
-    assert set(opt.spec) == set(optim.DEFAULTS)
-    assert normalize_spec(opt.spec) == opt.spec
-    assert make_optimizer(None).spec == normalize_spec({})
+    assert opt.spec["schedule"] == {key: field.default for key, field in SCHEDULE.items()}
+    assert set(opt.spec) == set(OPTIMIZER)
+    assert opt.spec == normalize_section("optimizer", {"kind": "sgd", "lr": 1})
+    assert normalize_section("optimizer", opt.spec) == opt.spec
+    assert make_optimizer(opt.spec).spec == opt.spec
+    assert make_optimizer(None).spec == normalize_section("optimizer", {})
     assert make_optimizer({"schedule": {"kind": "cosine"}}).spec["schedule"]["step_size"] == 100
+    assert make_optimizer({"schedule": None}).spec["schedule"] == make_optimizer({}).spec["schedule"]
+
+
+def test_every_kind_of_the_schema_has_a_rule():
+    for kind in OPTIMIZERS:
+        assert make_optimizer({"kind": kind}).kind == kind
 
 
 BAD_SPECS = [
@@ -328,27 +339,33 @@ BAD_SPECS = [
     ({"clip_norm": -1}, "optimizer.clip_norm: expected a number >= 0"),
     ({"staleness_aware": "yes"}, "optimizer.staleness_aware: expected true or false"),
     ({"betas": [0.9, 0.99]}, "optimizer.betas: unknown field"),
-    ({"schedule": "cosine"}, "optimizer.schedule: expected a map, found 'cosine'"),
+    ({"schedule": "cosine"}, "optimizer.schedule: expected a mapping of fields, found 'cosine'"),
     ({"schedule": {"kind": "linear"}},
      "optimizer.schedule.kind: expected one of constant, step, cosine, found 'linear'"),
     ({"schedule": {"warmup_steps": -1}}, "optimizer.schedule.warmup_steps: expected an integer >= 0"),
     ({"schedule": {"warmup_steps": 2.5}}, "optimizer.schedule.warmup_steps: expected an integer >= 0"),
     ({"schedule": {"step_size": 0}}, "optimizer.schedule.step_size: expected an integer >= 1"),
-    ({"schedule": {"gamma": 0}}, "optimizer.schedule.gamma: expected a number > 0"),
+    ({"schedule": {"gamma": 0}}, "optimizer.schedule.gamma: expected a number in (0, 1], found 0"),
+    ({"schedule": {"gamma": 1.5}}, "optimizer.schedule.gamma: expected a number in (0, 1], found 1.5"),
     ({"schedule": {"total_steps": -5}}, "optimizer.schedule.total_steps: expected an integer >= 0"),
-    ({"schedule": {"min_lr": 0.5}}, "optimizer.schedule.min_lr: expected a number in [0, lr=0.1], found 0.5"),
+    ({"schedule": {"min_lr": 0.5}},
+     "optimizer.schedule.min_lr: expected a number in [0, optimizer.lr = 0.1], found 0.5"),
+    ({"schedule": {"min_lr": -0.1}}, "optimizer.schedule.min_lr: expected a number >= 0, found -0.1"),
+    ({"kind": "sgd", "nesterov": True},
+     "optimizer.nesterov: expected false unless optimizer.kind is momentum, found True"),
     ({"schedule": {"decay": 1}}, "optimizer.schedule.decay: unknown field"),
-    ([1, 2], "optimizer: expected a map"),
+    ([1, 2], "optimizer: expected a mapping of fields, found [1, 2]"),
 ]
 
 
 @pytest.mark.parametrize("spec,message", BAD_SPECS,
                          ids=[m.split(":")[0] + f"-{i}" for i, (_, m) in enumerate(BAD_SPECS)])
 def test_bad_spec_names_its_field_in_one_sentence(spec, message):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(SpecError) as info:     # a ValueError: the shard answers bad_spec
         make_optimizer(spec)
     text = str(info.value)
     assert text.startswith(message)
+    assert text.startswith(info.value.path + ": ")
     assert "\n" not in text
 
 
@@ -389,12 +406,13 @@ def test_updater_without_norm_does_not_clip():
     np.testing.assert_allclose(params["w"], [-3.06, -4.08], rtol=1e-6)
 
 
-def test_global_norm():
+def test_the_norm_updater_apply_takes_is_the_workers():
+    """`norm` comes from the pushing worker (worker/trainer.py global_norm): float64, chunk by chunk."""
     grads = {"a": np.array([3.0], np.float32), "b": np.full((2, 2), 2.0, np.float32),
              "c": np.array([100.0], np.float32)}
     assert global_norm(grads, skip=["c"]) == 5.0
     assert global_norm({}) == 0.0
-    big = np.full(optim.NORM_CHUNK_ELEMS * 3 + 1, 1e-3, np.float32)
+    big = np.full(NORM_CHUNK_ELEMS * 3 + 1, 1e-3, np.float32)
     assert global_norm({"x": big}) == pytest.approx(math.sqrt(big.size) * float(np.float32(1e-3)), rel=1e-12)
     assert isinstance(global_norm(grads), float)
 

@@ -6,9 +6,12 @@ import msgpack
 import pytest
 
 from protocol.errors import ErrorCode
+from protocol.jobspec import POLICIES as JOB_POLICIES
+from protocol.jobspec import SpecError, normalize_section
 from ps.policy import (
     ASP,
     BSP,
+    POLICIES,
     SSP,
     Accumulate,
     Answer,
@@ -339,13 +342,24 @@ def test_make_policy():
 
 @pytest.mark.parametrize("spec,message", [
     ({"policy": "async"}, "consistency.policy: expected one of asp, bsp, ssp, found 'async'"),
-    ({"policy": "ssp", "staleness": -1}, "consistency.staleness: expected an integer >= 0, found -1"),
-    ({"staleness": 1.5}, "consistency.staleness: expected an integer >= 0, found 1.5"),
-    ({"staleness": True}, "consistency.staleness: expected an integer >= 0, found True"),
-    ({"bound": 2}, "consistency.bound: unknown field (known: policy, staleness)"),
-    ("ssp", "consistency: expected a map, found 'ssp'"),
+    ({"policy": "ssp", "staleness": -1},
+     "consistency.staleness: expected an integer from 0 to 1000000, found -1"),
+    ({"staleness": 1.5}, "consistency.staleness: expected an integer from 0 to 1000000, found 1.5"),
+    ({"staleness": True}, "consistency.staleness: expected an integer from 0 to 1000000, found True"),
+    ({"staleness": 10**7}, "consistency.staleness: expected an integer from 0 to 1000000, found 10000000"),
+    ({"bound": 2}, "consistency.bound: unknown field (known fields here: policy, staleness)"),
+    ("ssp", "consistency: expected a mapping of fields, found 'ssp'"),
 ])
 def test_make_policy_bad_spec(spec, message):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(SpecError) as info:     # a ValueError: the shard answers bad_spec
         make_policy(spec)
     assert str(info.value) == message
+    assert info.value.path == message.split(":")[0]
+
+
+def test_make_policy_takes_the_job_files_consistency_section():
+    assert make_policy({"policy": "ssp"}).staleness == normalize_section("consistency", {})["staleness"]
+    assert make_policy({"policy": "ssp", "staleness": 2.0}).staleness == 2     # 2.0 reads as 2, as in a job file
+    assert tuple(POLICIES) == JOB_POLICIES
+    for name in JOB_POLICIES:
+        assert make_policy({"policy": name}).name == name

@@ -17,19 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import ErrorCode
-from ps.policy import (
-    ASP,
-    BSP,
-    SSP,
-    Accumulate,
-    Answer,
-    Apply,
-    ApplyMean,
-    Park,
-    Refuse,
-    Release,
-    make_policy,
-)
+from ps.policy import ASP, BSP, SSP, Accumulate, Answer, Apply, ApplyMean, Park, Refuse, Release, make_policy
 
 MAX_WORKERS = 6
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,9 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.procs import PSCTL, child_env, run_psctl
+from tests.procs import PSCTL, run_psctl
+from worker.local_cluster import Child
+
+# The interrupted run, from start to every process gone, on a loaded 2-core machine.
+INTERRUPT_DEADLINE_S = 150.0
 
 JOB = {
     "name": "local", "seed": 1, "workers": 2, "steps": 120,
@@ -58,11 +63,8 @@ def scheduler_addr(stderr: str) -> str:
 
 def test_run_succeeds_prints_json_and_leaves_nothing(tmp_path):
     state = tmp_path / "state"
-    plot = tmp_path / "loss.png"
-    result = run_psctl("run", write_job(tmp_path), "--json", "--state-dir", str(state), "--plot", str(plot),
-                       timeout=180)
+    result = run_psctl("run", write_job(tmp_path), "--json", "--state-dir", str(state), timeout=180)
     assert result.returncode == 0, result.stderr
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss curve
     summary = json.loads(result.stdout)
     for key in ("job", "status", "test_accuracy", "final_loss", "steps_done", "steps_asked", "examples", "train_s",
                 "wall_s", "examples_per_s", "partitions"):
@@ -73,6 +75,15 @@ def test_run_succeeds_prints_json_and_leaves_nothing(tmp_path):
     assert processes_mentioning(str(state), scheduler_addr(result.stderr)) == []
     assert sorted(p.name for p in state.iterdir()) == ["scheduler", "scheduler.log", "server-0.log",
                                                        "worker-0.log", "worker-1.log"]
+
+
+def test_run_writes_the_loss_curve(tmp_path):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install -e '.[test]')")
+    plot = tmp_path / "loss.png"
+    result = run_psctl("run", write_job(tmp_path, steps=30), "--quiet", "--plot", str(plot), timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"loss curve written to {plot}" in result.stderr
 
 
 def test_run_of_a_failing_job_exits_nonzero_and_leaves_nothing(tmp_path):
@@ -86,25 +97,34 @@ def test_run_of_a_failing_job_exits_nonzero_and_leaves_nothing(tmp_path):
 
 
 def test_run_interrupted_stops_everything(tmp_path):
+    """Ctrl-C (SIGINT to its process group, as a terminal sends it): exit 130, every process gone.
+
+    Bounded by INTERRUPT_DEADLINE_S in all: every read and wait below takes what is left of it.
+    """
     state = tmp_path / "state"
     job = write_job(tmp_path, steps=1_000_000)
-    proc = subprocess.Popen([PSCTL, "run", job, "--state-dir", str(state)], stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=child_env(), text=True)
+    deadline = time.monotonic() + INTERRUPT_DEADLINE_S
+
+    def left() -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    proc = Child([PSCTL, "run", job, "--state-dir", str(state)], stderr=subprocess.STDOUT)
     try:
         line = ""
-        deadline = time.monotonic() + 120
-        while "local cluster:" not in line and time.monotonic() < deadline:
-            line = proc.stderr.readline()  # the cluster is up once this line is printed
-            assert line or proc.poll() is None, "psctl run ended early"
+        while "local cluster:" not in line:  # the cluster is up once this line is printed
+            line = proc.readline(left())
+            assert line is not None, f"no cluster within the deadline (exit={proc.popen.poll()}):\n" + \
+                "\n".join(proc.lines)
         addr = scheduler_addr(line)
         assert len(processes_mentioning(addr)) == 3  # one server and two workers point at it
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.signal(signal.SIGINT)
+        try:
+            code = proc.wait(left())
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"psctl run still running {INTERRUPT_DEADLINE_S:g}s after it started, SIGINT included")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 130
+        proc.stop()  # SIGTERM, then SIGKILL: bounded; its children get SIGTERM when it dies
+    assert code == 130, "\n".join(proc.lines)
     assert processes_mentioning(str(state), addr) == []
 
 

@@ -13,66 +13,50 @@ from protocol.messages import Cancel, Error, Heartbeat, List, Ok, Register, Repo
 from ps.registry import JobStore
 from ps.sched.events import Persist, Reply
 from ps.sched.state import EPOCH_STRIDE
-from tests.sched_driver import (
-    SHARDS,
-    TENSORS,
-    TIMEOUT,
-    TRAIN_SIZE,
-    Driver,
-    assert_error,
-    assignment,
-    memberships,
-    parts,
-    persists,
-    replies,
-    reply_to,
-    spec,
-    start,
-    two_holders,
-)
+from tests import sched_driver as sd  # the driver and its helpers: sd.Driver, sd.spec, ...
 
 # --- 7. progress accounting and the end of a job -------------------------------------------------------
 
 
 def test_progress_done_final_evaluation_and_the_results_figures():
-    d = Driver(wall_offset=1000.0)
-    job = d.submit(spec(workers=2, steps=5))                   # batch 8
+    d = sd.Driver(wall_offset=1000.0)
+    job = d.submit(sd.spec(workers=2, steps=5))                   # batch 8
     d.now = 1.0
     d.register("w1")
     d.register("w2")
     d.assign("w1")
     d.ack()
-    d.report("w1", job, "plan", tensors=TENSORS, nonlearned=[], train_size=TRAIN_SIZE)
+    d.report("w1", job, "plan", tensors=sd.TENSORS, nonlearned=[], train_size=sd.TRAIN_SIZE)
     d.now = 2.0
     d.report("w1", job, "initialized")                         # training starts at t=2
     d.now = 3.0
-    d.heartbeat("w1", job, parts=parts(p0=(0, 2), p1=(0, 3)))
+    d.heartbeat("w1", job, parts=sd.parts(p0=(0, 2), p1=(0, 3)))
     assert [p["steps_done"] for p in d.status(job)["partitions"]] == [2, 3]
-    d.heartbeat("w2", job, parts=parts(p0=(0, 5), p1=(0, 5)))  # w2 holds nothing: nothing moves
-    d.heartbeat("w1", job, parts=parts(p0=(0, 1)))             # steps never go back
+    d.heartbeat("w2", job, parts=sd.parts(p0=(0, 5), p1=(0, 5)))  # w2 holds nothing: nothing moves
+    d.heartbeat("w1", job, parts=sd.parts(p0=(0, 1)))             # steps never go back
     assert [p["steps_done"] for p in d.status(job)["partitions"]] == [2, 3]
 
     d.now = 6.0
-    out = d.send("w1/report", Report(worker="w1", job=job, event="done", state={"parts": parts(p0=(0, 5))}))
-    assert reply_to(out, "w1/report").body["partitions"] == [1]
-    assert [c.msg.holders for c in memberships(out)] == [{"p1": "w1"}] * 2
-    assert [c.msg.workers for c in memberships(out)] == [{"p1": -1}] * 2
+    out = d.send("w1/report", Report(worker="w1", job=job, event="done", state={"parts": sd.parts(p0=(0, 5))}))
+    assert sd.reply_to(out, "w1/report").body["partitions"] == [1]
+    assert [c.msg.holders for c in sd.memberships(out)] == [{"p1": "w1"}] * 2
+    assert [c.msg.workers for c in sd.memberships(out)] == [{"p1": -1}] * 2
     d.ack()
     d.now = 7.0
-    out = d.send("w1/report", Report(worker="w1", job=job, event="done", state={"parts": parts(p1=(0, 5))}))
-    assert reply_to(out, "w1/report").body["stop"] is True
-    assert [(c.msg.workers, c.msg.holders) for c in memberships(out)] == [({}, {})] * 2
+    out = d.send("w1/report", Report(worker="w1", job=job, event="done", state={"parts": sd.parts(p1=(0, 5))}))
+    assert sd.reply_to(out, "w1/report").body["stop"] is True
+    assert [(c.msg.workers, c.msg.holders) for c in sd.memberships(out)] == [({}, {})] * 2
     d.ack()
 
     d.now = 8.0
     out = d.assign("w1")                                       # free again: the final evaluation
-    a = assignment(out, "w1")
+    a = sd.assignment(out, "w1")
     assert a.task == EVAL and a.partitions == [] and not a.init and a.steps == [5, 5]
     assert d.m.runs[job].eval_worker == "w1"
     d.now = 9.0
     out = d.send("w1/report", Report(worker="w1", job=job, event="final",
                                      state={"test_accuracy": 0.75, "test_loss": 0.5}))
-    assert reply_to(out, "w1/report").body["stop"] is True
+    assert sd.reply_to(out, "w1/report").body["stop"] is True
     assert job not in d.m.runs
     record = d.m.jobs[job]
     assert record.state == "succeeded" and record.finished == 1009.0 and record.started == 1001.0
@@ -84,16 +68,16 @@ def test_progress_done_final_evaluation_and_the_results_figures():
     assert res["wall_s"] == 8.0                                # from the start at 1
     assert res["stopped_by"] == "steps" and res["test_accuracy"] == 0.75 and res["test_loss"] == 0.5
     assert [p["holders"] for p in res["partitions"]] == [[{"worker": "w1", "first": 0, "last": 5}]] * 2
-    [ended] = [p for p in persists(out, job) if "state" in p.fields]
+    [ended] = [p for p in sd.persists(out, job) if "state" in p.fields]
     assert ended.fields["state"] == "succeeded" and ended.fields["result"] == res
 
 
 def test_a_done_report_for_unfinished_partitions_ungrants_nothing():
-    d = Driver()
-    job = start(d, spec())
-    out = d.send("w1/report", Report(worker="w1", job=job, event="done", state={"parts": parts(p0=(0, 4))}))
-    assert reply_to(out, "w1/report").body["partitions"] == [0, 1]
-    assert memberships(out) == []
+    d = sd.Driver()
+    job = sd.start(d, sd.spec())
+    out = d.send("w1/report", Report(worker="w1", job=job, event="done", state={"parts": sd.parts(p0=(0, 4))}))
+    assert sd.reply_to(out, "w1/report").body["partitions"] == [0, 1]
+    assert sd.memberships(out) == []
     assert d.m.runs[job].held_by("w1") == [0, 1]
 
 
@@ -101,33 +85,33 @@ def test_a_done_report_for_unfinished_partitions_ungrants_nothing():
 
 
 def test_cancelling_a_queued_job_ends_it_at_once_and_twice_is_bad_state():
-    d = Driver(shards=(), wall_offset=100.0)
-    job = d.submit(spec())
+    d = sd.Driver(shards=(), wall_offset=100.0)
+    job = d.submit(sd.spec())
     d.now = 4.0
     out = d.send("user", Cancel(job=job))
     assert [type(i) for i in out] == [Persist, Reply]
     assert out[0].fields == {"state": "cancelled", "finished": 104.0}
     assert out[1].msg.body == {"job": job, "state": "cancelled"}
     assert d.m.jobs[job].state == "cancelled"
-    assert_error(d.ask("user", Cancel(job=job)), "bad_state", "already cancelled")
-    assert_error(d.ask("user", Cancel(job="nope-9")), "unknown_job")
+    sd.assert_error(d.ask("user", Cancel(job=job)), "bad_state", "already cancelled")
+    sd.assert_error(d.ask("user", Cancel(job="nope-9")), "unknown_job")
 
 
 def test_cancelling_a_running_job_freezes_it_and_it_ends_once_its_worker_stopped():
-    d = Driver()
-    job = start(d, spec())
+    d = sd.Driver()
+    job = sd.start(d, sd.spec())
     out = d.send("user", Cancel(job=job))
-    assert reply_to(out, "user").body == {"job": job, "state": "cancelled"}
-    assert [p.fields["state"] for p in persists(out, job)] == ["cancelled"]
-    assert [(c.addr, c.msg.workers, c.msg.holders) for c in memberships(out)] == \
-        [(SHARDS[0], {}, {}), (SHARDS[1], {}, {})]
+    assert sd.reply_to(out, "user").body == {"job": job, "state": "cancelled"}
+    assert [p.fields["state"] for p in sd.persists(out, job)] == ["cancelled"]
+    assert [(c.addr, c.msg.workers, c.msg.holders) for c in sd.memberships(out)] == \
+        [(sd.SHARDS[0], {}, {}), (sd.SHARDS[1], {}, {})]
     assert job in d.m.runs                                         # until its worker left
-    assert_error(d.ask("user", Cancel(job=job)), "bad_state", "already cancelled")
+    sd.assert_error(d.ask("user", Cancel(job=job)), "bad_state", "already cancelled")
     assert d.heartbeat("w1", job).body["stop"] is True
     out = d.send("w1/report", Report(worker="w1", job=job, event="stopped"))
-    assert reply_to(out, "w1/report").body["stop"] is True
+    assert sd.reply_to(out, "w1/report").body["stop"] is True
     assert job not in d.m.runs
-    [ended] = persists(out, job)
+    [ended] = sd.persists(out, job)
     assert "state" not in ended.fields and ended.fields["result"]["stopped_by"] == "cancel"
     assert d.m.jobs[job].state == "cancelled" and d.m.workers["w1"].job is None
 
@@ -135,24 +119,24 @@ def test_cancelling_a_running_job_freezes_it_and_it_ends_once_its_worker_stopped
 # --- 9. target accuracy --------------------------------------------------------------------------------
 
 
-def target_job(d: Driver) -> str:
-    job = start(d, spec(workers=1, steps=100, target_accuracy=0.9))
-    d.heartbeat("w1", job, parts=parts(p0=(0, 10)))
+def target_job(d: sd.Driver) -> str:
+    job = sd.start(d, sd.spec(workers=1, steps=100, target_accuracy=0.9))
+    d.heartbeat("w1", job, parts=sd.parts(p0=(0, 10)))
     out = d.send("w1/report", Report(worker="w1", job=job, event="eval",
                                      state={"step": 10, "test_accuracy": 0.95, "test_loss": 0.2}))
-    assert reply_to(out, "w1/report").body["stop"] is True
-    assert [(c.msg.workers, c.msg.holders) for c in memberships(out)] == [({}, {})] * 2
+    assert sd.reply_to(out, "w1/report").body["stop"] is True
+    assert [(c.msg.workers, c.msg.holders) for c in sd.memberships(out)] == [({}, {})] * 2
     run = d.m.runs[job]
     assert run.stopping and run.stopped_by == "target" and run.target_seen == 0.95
     d.ack()
     d.report("w1", job, "stopped")
-    a = assignment(d.assign("w1"), "w1")                           # it left: it evaluates
+    a = sd.assignment(d.assign("w1"), "w1")                           # it left: it evaluates
     assert a.task == EVAL and run.eval_worker == "w1"
     return job
 
 
 def test_reaching_the_target_stops_training_and_a_final_at_target_succeeds():
-    d = Driver()
+    d = sd.Driver()
     job = target_job(d)
     d.report("w1", job, "final", test_accuracy=0.93, test_loss=0.25)
     assert job not in d.m.runs
@@ -164,16 +148,16 @@ def test_reaching_the_target_stops_training_and_a_final_at_target_succeeds():
 
 
 def test_a_final_below_the_target_resumes_training():
-    d = Driver()
+    d = sd.Driver()
     job = target_job(d)
     out = d.send("w1/report", Report(worker="w1", job=job, event="final", state={"test_accuracy": 0.8}))
     run = d.m.runs[job]
     assert not run.stopping and run.stopped_by == "" and run.final is None and run.eval_worker is None
-    assert [(c.msg.workers, c.msg.holders) for c in memberships(out)] == [({"p0": -1}, {"p0": ""})] * 2
+    assert [(c.msg.workers, c.msg.holders) for c in sd.memberships(out)] == [({"p0": -1}, {"p0": ""})] * 2
     d.ack()
     out = d.assign("w1")
-    assert replies(out, "w1/assign") == []
-    a = assignment(d.ack(), "w1")
+    assert sd.replies(out, "w1/assign") == []
+    a = sd.assignment(d.ack(), "w1")
     assert a.task == TRAIN and a.partitions == [0] and not a.init
     assert d.status(job)["partitions"][0]["steps_done"] == 10
 
@@ -182,12 +166,12 @@ def test_a_final_below_the_target_resumes_training():
 
 
 def test_job_status_shows_each_partitions_steps_examples_and_holders():
-    d = Driver()
-    job = two_holders(d, spec(steps=10))
+    d = sd.Driver()
+    job = sd.two_holders(d, sd.spec(steps=10))
     d.heartbeat("w1", job, parts={"0": {"from": 0, "step": 4, "loss": 0.5, "max_staleness": 2}})
     d.heartbeat("w2", job, parts={"1": {"from": 0, "step": 1, "loss": 1.5}})
     body = d.status(job)
-    assert body["state"] == "running" and body["shards"] == list(SHARDS)
+    assert body["state"] == "running" and body["shards"] == list(sd.SHARDS)
     assert body["plan_digest"] == d.m.runs[job].plan.digest
     p0, p1 = body["partitions"]
     assert (p0["index"], p0["steps"], p0["steps_done"], p0["examples"], p0["holder"]) == (0, 10, 4, 32, "w1")
@@ -200,33 +184,33 @@ def test_job_status_shows_each_partitions_steps_examples_and_holders():
     assert progress["steps_done"] == 5 and progress["steps_asked"] == 20 and progress["examples"] == 40
     assert progress["loss"] == 1.0 and progress["workers"] == 2 and progress["slowest"]["partition"] == 1
     # A worker of the job claiming a partition it does not hold moves nothing.
-    d.heartbeat("w2", job, parts=parts(p0=(0, 9)))
+    d.heartbeat("w2", job, parts=sd.parts(p0=(0, 9)))
     assert d.status(job)["partitions"][0]["steps_done"] == 4
 
 
 def test_status_of_a_queued_job_and_of_an_unknown_one():
-    d = Driver(shards=())
-    job = d.submit(spec())
+    d = sd.Driver(shards=())
+    job = d.submit(sd.spec())
     body = d.status(job)
     assert body["state"] == "queued" and body["partitions"] == [] and body["progress"] == {}
     assert body["plan_digest"] is None and body["shard_stats"] == []
-    assert_error(d.ask("user", Status(job="nope-1")), "unknown_job", "nope-1")
+    sd.assert_error(d.ask("user", Status(job="nope-1")), "unknown_job", "nope-1")
 
 
 def test_list_is_newest_first():
-    d = Driver(shards=())
-    ids = [d.submit(spec(name=n)) for n in ("a", "b", "c")]
+    d = sd.Driver(shards=())
+    ids = [d.submit(sd.spec(name=n)) for n in ("a", "b", "c")]
     d.send("user", Cancel(job=ids[1]))
     jobs = d.ask("user", List()).body["jobs"]
     assert [(j["id"], j["state"]) for j in jobs] == [("c-3", "queued"), ("b-2", "cancelled"), ("a-1", "queued")]
 
 
 def test_cluster_status_cannot_be_forged_through_info():
-    d = Driver()
+    d = sd.Driver()
     d.register("w1", worker="evil", job="forged-1", partitions=[7], host="h1")
-    job = start(d, spec(), w="w2")
+    job = sd.start(d, sd.spec(), w="w2")
     body = d.status()
-    assert [s["addr"] for s in body["servers"]] == list(SHARDS)
+    assert [s["addr"] for s in body["servers"]] == list(sd.SHARDS)
     w1, w2 = body["workers"]
     assert (w1["worker"], w1["job"], w1["partitions"], w1["host"]) == ("w1", None, [], "h1")
     assert (w2["worker"], w2["job"], w2["partitions"]) == ("w2", job, [0, 1])
@@ -237,8 +221,8 @@ def test_cluster_status_cannot_be_forged_through_info():
 
 
 def test_forged_server_heartbeats_are_answered_and_do_not_break_status():
-    d = Driver()
-    job = start(d, spec())
+    d = sd.Driver()
+    job = sd.start(d, sd.spec())
     assert d.ask("s", Heartbeat(role="server", state={"shard": "0"})).body == {"reregister": True}
     assert d.ask("s", Heartbeat(role="server", state={"shard": True})).body == {"reregister": True}
     assert d.ask("s", Heartbeat(role="server", state={"shard": 0, "jobs": [job]})).body == {}
@@ -248,7 +232,7 @@ def test_forged_server_heartbeats_are_answered_and_do_not_break_status():
               "other": [1, 2], 5: {"version": 1}}
     assert d.ask("s", Heartbeat(role="server", state={"shard": 1, "jobs": forged})).body == {}
     [stats] = d.status(job)["shard_stats"]
-    assert stats["shard"] == 1 and stats["addr"] == SHARDS[1]
+    assert stats["shard"] == 1 and stats["addr"] == sd.SHARDS[1]
     assert stats["version"] is None and stats["epoch"] == 3 and stats["policy"] == "7"
     assert stats["clocks"] == {"p1": 4} and stats["staleness_hist"] == {"1": 2}
     assert d.status(job)["state"] == "running"
@@ -259,10 +243,10 @@ def test_forged_server_heartbeats_are_answered_and_do_not_break_status():
 
 
 def test_a_job_left_running_resumes_with_its_progress_and_holders(tmp_path):
-    first = Driver(wall_offset=1000.0)
+    first = sd.Driver(wall_offset=1000.0)
     first.now = 1.0
-    job = start(first, spec(steps=10))
-    first.heartbeat("w1", job, parts=parts(p0=(0, 4), p1=(0, 2)))
+    job = sd.start(first, sd.spec(steps=10))
+    first.heartbeat("w1", job, parts=sd.parts(p0=(0, 4), p1=(0, 2)))
     first.tick(2.5, alive=["w1"])                          # progress saved
     store = JobStore(tmp_path)
     for inst in first.log:                                 # what the daemon would have written
@@ -273,14 +257,14 @@ def test_a_job_left_running_resumes_with_its_progress_and_holders(tmp_path):
     assert record.id == job and record.state == "queued" and record.started == 1001.0
     assert [p["steps_done"] for p in record.progress["partitions"]] == [4, 2]
 
-    d = Driver(records=[record], incarnation=2, wall_offset=2000.0)
+    d = sd.Driver(records=[record], incarnation=2, wall_offset=2000.0)
     d.now = 50.0
     d.register("w5")
     out = d.assign("w5")
-    [started] = [p for p in persists(out, job) if "state" in p.fields]
-    assert started.fields == {"state": "running", "started": 1001.0, "shards": list(SHARDS)}
-    assert [c.msg.epoch for c in memberships(out)] == [2 * EPOCH_STRIDE + 1] * 2
-    a = assignment(d.ack(), "w5")
+    [started] = [p for p in sd.persists(out, job) if "state" in p.fields]
+    assert started.fields == {"state": "running", "started": 1001.0, "shards": list(sd.SHARDS)}
+    assert [c.msg.epoch for c in sd.memberships(out)] == [2 * EPOCH_STRIDE + 1] * 2
+    a = sd.assignment(d.ack(), "w5")
     assert a.init and a.partitions == [0, 1] and a.plan == record.plan and a.steps == [10, 10]
     partitions = d.status(job)["partitions"]
     assert [p["steps_done"] for p in partitions] == [4, 2]
@@ -289,87 +273,88 @@ def test_a_job_left_running_resumes_with_its_progress_and_holders(tmp_path):
                                         {"worker": "w5", "first": 4, "last": 4}]
     assert partitions[1]["holders"] == [{"worker": "w1", "first": 0, "last": 2},
                                         {"worker": "w5", "first": 2, "last": 2}]
-    assert d.submit(spec(name="next")) == "next-2"        # sequence numbers go on after the stored ones
+    assert d.submit(sd.spec(name="next")) == "next-2"        # sequence numbers go on after the stored ones
 
 
 def test_a_shard_registering_again_elsewhere_takes_its_jobs_along():
-    d = Driver()
-    job = start(d, spec())
+    d = sd.Driver()
+    job = sd.start(d, sd.spec())
     run = d.m.runs[job]
     out = d.send("server1", Register(role="server", addr="tcp://10.0.0.9:7100", shard=1))
-    assert [p.fields for p in persists(out, job)] == [{"shards": [SHARDS[0], "tcp://10.0.0.9:7100"]}]
-    [again] = memberships(out)                                   # only the moved shard hears it again
+    assert [p.fields for p in sd.persists(out, job)] == [{"shards": [sd.SHARDS[0], "tcp://10.0.0.9:7100"]}]
+    [again] = sd.memberships(out)                                   # only the moved shard hears it again
     assert again.addr == "tcp://10.0.0.9:7100" and again.msg.epoch == run.epoch
     assert again.msg.holders == {"p0": "w1", "p1": "w1"}
-    assert d.heartbeat("w1", job).body["shards"] == [SHARDS[0], "tcp://10.0.0.9:7100"]
+    assert d.heartbeat("w1", job).body["shards"] == [sd.SHARDS[0], "tcp://10.0.0.9:7100"]
 
 
 # --- what these tests found in the first version of the machine (fixed since) ------------------------------
 
 
-def test_a_joiner_takes_over_when_the_initialising_worker_dies():
-    d = Driver()
-    job = d.submit(spec())
+def initialising_and_joining() -> tuple:
+    """A job w1 initialises while w2 waits beside it for the tables: (driver, job id)."""
+    d = sd.Driver()
+    job = d.submit(sd.spec())
     for w in ("w1", "w2"):
         d.register(w)
         d.assign(w)
     d.ack()
+    return d, job
+
+
+def test_a_joiner_takes_over_when_the_initialising_worker_dies():
+    d, job = initialising_and_joining()
     run = d.m.runs[job]
     assert run.init_worker == "w1" and run.joining == {"w2"}
-    d.tick(TIMEOUT + 0.5, alive=["w2"])                          # w1 dies before `initialized`
+    d.tick(sd.TIMEOUT + 0.5, alive=["w2"])                          # w1 dies before `initialized`
     assert "w1" not in d.m.workers
     out = d.ack()
-    granted = [Assignment.from_wire(m.body) for m in replies(out, "w2/assign") if m.body.get("task")]
+    granted = [Assignment.from_wire(m.body) for m in sd.replies(out, "w2/assign") if m.body.get("task")]
     assert run.init_worker == "w2"                               # the joiner waiting beside it takes over
     assert [(a.init, a.partitions) for a in granted] == [(True, [0, 1])]
 
 
 def test_a_fatal_failure_from_a_joiner_holding_nothing_is_refused():
-    d = Driver()
-    job = d.submit(spec())
-    for w in ("w1", "w2"):
-        d.register(w)
-        d.assign(w)
-    d.ack()
+    d, job = initialising_and_joining()
     assert d.m.runs[job].held_by("w2") == []
     msg = d.report("w2", job, "failed", error="stale", fatal=True)
     run = d.m.runs[job]
     assert run.error == ""
-    assert_error(msg, "not_member")
+    sd.assert_error(msg, "not_member")
 
 
 def test_a_stored_row_with_unreadable_progress_does_not_wedge_the_scheduler():
     from protocol.jobspec import validate_job
     from ps.sched.jobs import JobRecord
 
-    bad = JobRecord(id="bad-1", seq=1, name="bad", state="queued", spec=validate_job(spec(name="bad")),
+    bad = JobRecord(id="bad-1", seq=1, name="bad", state="queued", spec=validate_job(sd.spec(name="bad")),
                     submitted=0.0, progress={"partitions": [{"index": 0, "holders": [{"first": 0, "last": 2}]}]})
-    d = Driver(records=[bad])
+    d = sd.Driver(records=[bad])
     d.register("w1")
     out = d.assign("w1")
-    assert not [r for r in replies(out, "w1/assign") if isinstance(r, Error)]
+    assert not [r for r in sd.replies(out, "w1/assign") if isinstance(r, Error)]
     assert d.m.metrics.get("internal_errors_total") == 0
     assert d.m.jobs["bad-1"].state == "running"
 
 
 def test_training_time_before_a_restart_counts_in_the_result():
-    first = Driver()
-    job = start(first, spec(workers=1, steps=10))                # initialized at t=0
+    first = sd.Driver()
+    job = sd.start(first, sd.spec(workers=1, steps=10))                # initialized at t=0
     first.now = 5.0
-    first.heartbeat("w1", job, parts=parts(p0=(0, 5)))           # 40 examples in 5 s
+    first.heartbeat("w1", job, parts=sd.parts(p0=(0, 5)))           # 40 examples in 5 s
     first.tick(0.0, alive=["w1"])
     record = dataclasses.replace(first.m.jobs[job], state="queued")
     assert record.progress["summary"]["train_s"] == 5.0
 
-    d = Driver(records=[record], incarnation=2)
+    d = sd.Driver(records=[record], incarnation=2)
     d.now = 100.0
     d.register("w5")
     out = d.assign("w5")
-    assert assignment(out + d.ack(), "w5").init
-    d.report("w5", job, "plan", tensors=TENSORS, nonlearned=[], train_size=TRAIN_SIZE)
+    assert sd.assignment(out + d.ack(), "w5").init
+    d.report("w5", job, "plan", tensors=sd.TENSORS, nonlearned=[], train_size=sd.TRAIN_SIZE)
     d.report("w5", job, "initialized")
     d.now = 101.0
-    d.report("w5", job, "done", parts=parts(p0=(5, 10)))          # 40 more examples in 1 s
+    d.report("w5", job, "done", parts=sd.parts(p0=(5, 10)))          # 40 more examples in 1 s
     d.assign("w5")
     d.report("w5", job, "final", test_accuracy=0.5)
     res = d.m.jobs[job].result

@@ -20,7 +20,7 @@ from protocol.assignment import TRAIN
 from protocol.messages import Error, List, Ok, Register, Report, Status, Submit
 from protocol.plan import make_plan
 from ps.sched.events import Persist, Reply, ShardAnswer, Tick
-from ps.sched.state import EPOCH_STRIDE, SchedulerState
+from ps.sched.state import EPOCH_STRIDE, SERVER_HEARTBEAT_INTERVAL_S, SchedulerState
 from tests.sched_driver import (
     SHARDS,
     TENSORS,
@@ -45,8 +45,8 @@ from tests.sched_driver import (
 def test_a_server_gets_its_explicit_shard_id_or_the_lowest_free_one():
     d = Driver(shards=())
     first = d.ask("s", Register(role="server", addr="tcp://h:7001", shard=1))
-    assert isinstance(first, Ok) and first.body == {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": TIMEOUT,
-                                                   "shard": 1}
+    assert isinstance(first, Ok) and first.body == {"heartbeat_interval_s": SERVER_HEARTBEAT_INTERVAL_S,
+                                                   "heartbeat_timeout_s": TIMEOUT, "shard": 1}
     assert d.ask("s", Register(role="server", addr="tcp://h:7000", shard=-1)).body["shard"] == 0
     assert d.ask("s", Register(role="server", addr="ipc:///tmp/shard2", shard=-1)).body["shard"] == 2
     assert {k: p.addr for k, p in d.m.servers.items()} == {0: "tcp://h:7000", 1: "tcp://h:7001",

@@ -16,7 +16,8 @@ may hold on purpose (clocked pulls under BSP/SSP) are retried for up to
 `max_wait_s` instead. An `error` reply raises ShardError with its code and
 sentence. With `resolve` (the job's current shard addresses, e.g. from the
 scheduler's heartbeat replies), a shard that was restarted at another
-address is followed: the request goes to the new address at once.
+address is followed: the request goes to the new address at once. Sockets
+are made, sent on and read by worker/transport.py.
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import zmq
 
-from protocol.buffers import keep_freed_buffers
 from protocol.codec import decode, encode, raise_if_error
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Create, Message, Ok, Pull, Push, PushPull, SliceData, Stats
 from protocol.partitions import partition_index
 from protocol.plan import Plan
+from worker.transport import connect_dealer, recv_message, send_message
 
 # Default wait for one reply before the request is re-sent (Lazy Pirate).
 REQUEST_TIMEOUT_S = 10.0
@@ -43,16 +44,10 @@ REQUEST_TIMEOUT_S = 10.0
 REQUEST_RETRIES = 3
 # Longest a clocked pull may be held by a consistency policy in total.
 MAX_POLICY_WAIT_S = 600.0
-# Messages queued per shard socket before send blocks.
-SEND_HWM_MSGS = 100
 # While replies are awaited, how often `resolve` is asked whether a shard moved.
 ADDRESS_CHECK_INTERVAL_S = 0.5
-# Frames smaller than this are copied into ZeroMQ's buffer instead of lent
-# zero-copy (pyzmq's own cut-off; a plain copy skips building a Frame object).
-COPY_THRESHOLD_BYTES = zmq.COPY_THRESHOLD
-# Plain ints: pyzmq's flag enums cost a microsecond per use on the data path.
-_NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE = int(zmq.SNDMORE)
+# Plain int: pyzmq's flag enums cost a microsecond per use on the data path.
+_POLLIN = int(zmq.POLLIN)
 
 
 class ShardTimeout(TimeoutError):
@@ -72,14 +67,6 @@ class ShardError(RuntimeError):
 def default_worker_id() -> str:
     """host-pid-random: unique per process, readable in logs."""
     return f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def _send(sock: zmq.Socket, frames: list) -> None:
-    """Send one multipart message: small frames copied, large ones lent without a copy."""
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        flags = 0 if i == last else _SNDMORE
-        sock.send(frame, flags, copy=memoryview(frame).nbytes < COPY_THRESHOLD_BYTES)
 
 
 class ParamClient:
@@ -122,18 +109,13 @@ class ParamClient:
         # Shards holding any slice; a request for every tensor names no sids
         # (the shard sends all it holds), which keeps the header small.
         self._all_shards = sorted({s.shard for s in plan.slices})
-        keep_freed_buffers()  # before the first socket starts the context's I/O thread
 
     # --- sockets ---
 
     def _sock(self, k: int) -> zmq.Socket:
         sock = self._socks[k]
         if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, SEND_HWM_MSGS)
-            sock.connect(self.addrs[k])
-            self._socks[k] = sock
+            sock = self._socks[k] = connect_dealer(self.ctx, self.addrs[k])
         return sock
 
     def _reset(self, k: int) -> None:
@@ -163,7 +145,7 @@ class ParamClient:
         """
         frames = {k: encode(msg) for k, msg in requests.items()}
         for k, f in frames.items():
-            _send(self._sock(k), f)
+            send_message(self._sock(k), f)
         replies: dict[int, Ok] = {}
         tries = dict.fromkeys(requests, 0)
         started = time.monotonic()
@@ -175,7 +157,7 @@ class ParamClient:
             if check_ms is not None:
                 wait_ms = min(wait_ms, check_ms)
             # zmq_poll on a fresh list: a Poller object per wait costs more than the poll.
-            ready = [sock for sock, _events in zmq.zmq_poll([(self._socks[k], zmq.POLLIN) for k in waiting], wait_ms)]
+            ready = [sock for sock, _events in zmq.zmq_poll([(self._socks[k], _POLLIN) for k in waiting], wait_ms)]
             for k in waiting:
                 if self._socks[k] in ready:
                     reply = self._receive(k, requests[k])
@@ -190,7 +172,7 @@ class ParamClient:
             # A moved shard answers nothing: look for moves only when a wait came back empty,
             # never on the path of replies arriving.
             for k in self._follow_moves(waiting) if not ready else ():  # restarted elsewhere: ask it there now
-                _send(self._sock(k), frames[k])
+                send_message(self._sock(k), frames[k])
                 deadline[k] = now + self.timeout_s
             for k in waiting:
                 if now < deadline[k]:
@@ -202,7 +184,7 @@ class ParamClient:
                         f"shard {k} at {self.addrs[k]} did not answer '{requests[k].OP}' for job {self.job!r} "
                         f"within {now - started:.1f}s ({tries[k] - 1} retries)")
                 self._reset(k)  # Lazy Pirate: a fresh socket, the same request
-                _send(self._sock(k), frames[k])
+                send_message(self._sock(k), frames[k])
                 deadline[k] = now + self.timeout_s * (1 if patient else min(2 ** tries[k], 8))
         return replies
 
@@ -220,15 +202,10 @@ class ParamClient:
         return moved
 
     def _receive(self, k: int, request: Message) -> Ok | None:
-        sock = self._socks[k]
         try:
-            frame = sock.recv(_NOBLOCK, copy=False)
+            frames = recv_message(self._socks[k])
         except zmq.Again:
             return None
-        frames = [frame]
-        while frame.more:  # the parts of a message arrive together (saves recv_multipart's getsockopt per part)
-            frame = sock.recv(_NOBLOCK, copy=False)
-            frames.append(frame)
         try:
             reply = raise_if_error(decode(frames))
         except ProtocolError as exc:

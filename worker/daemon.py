@@ -26,6 +26,9 @@ log = logging.getLogger("pscluster.worker")
 
 # How long one `assign` may be held by the scheduler when there is no work.
 ASSIGN_WAIT_S = 10.0
+# Registration: wait this long for the answer, re-send this many times (Lazy Pirate).
+REGISTER_TIMEOUT_S = 5.0
+REGISTER_RETRIES = 5
 
 
 class WorkerDaemon:
@@ -43,7 +46,6 @@ class WorkerDaemon:
         self.heartbeat = HeartbeatThread(scheduler, self.worker, ctx=self.ctx)
         self.data = DataCache()
         self.metrics = MetricsRegistry()
-        self._describe_metrics()
         self._stopping = threading.Event()
 
     def stop(self) -> None:
@@ -52,10 +54,16 @@ class WorkerDaemon:
         self.heartbeat.stop_requested.set()
 
     def register(self) -> None:
-        self.sched.request(Register(role="worker", info={"host": pysocket.gethostname(), "pid": os.getpid(),
-                                                         "device": self.device.name}), timeout_s=5.0, retries=5)
+        """Register with the scheduler; the heartbeat thread then beats at the interval it gave workers."""
+        reply = self.sched.request(Register(role="worker", info={"host": pysocket.gethostname(), "pid": os.getpid(),
+                                                                 "device": self.device.name}),
+                                   timeout_s=REGISTER_TIMEOUT_S, retries=REGISTER_RETRIES)
+        interval = reply.body.get("heartbeat_interval_s")
+        if interval is not None and not self.heartbeat.set_interval(interval):
+            log.warning("ignored a heartbeat interval that is not a number", extra={"value": repr(interval)[:40]})
         self.heartbeat.reregister_needed.clear()
-        log.info("registered", extra={"worker": self.worker, "scheduler": self.scheduler, "device": self.device.name})
+        log.info("registered", extra={"worker": self.worker, "scheduler": self.scheduler, "device": self.device.name,
+                                      "heartbeat_s": self.heartbeat.interval_s})
 
     def serve(self) -> None:
         """Take and run assignments until stopped. Raises SchedulerUnavailable if the scheduler never answers."""
@@ -87,17 +95,6 @@ class WorkerDaemon:
             self.heartbeat.close()
             self.sched.close()
 
-    def _describe_metrics(self) -> None:
-        m = self.metrics
-        m.describe("steps_total", "counter", "Training steps completed")
-        m.describe("examples_total", "counter", "Training examples processed")
-        m.describe("step_seconds", "histogram", "Time of one step: compute, push_pull, waits")
-        m.describe("loss", "gauge", "Training loss of the last minibatch")
-        m.describe("accuracy", "gauge", "Training accuracy of the last minibatch")
-        m.describe("test_accuracy", "gauge", "Last evaluated test accuracy")
-        m.describe("examples_per_second", "gauge", "Examples per second of the last step")
-        m.describe("assignments_total", "counter", "Assignments ended, by outcome")
-        m.describe("staleness_seen", "histogram", "Updates by others between this worker's pull and its push")
 
     def _next_assignment(self) -> Assignment | None:
         if self.heartbeat.reregister_needed.is_set():

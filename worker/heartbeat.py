@@ -9,19 +9,34 @@ carries the current addresses of the job's shards, so a worker follows a
 shard that was restarted elsewhere (`shard_addresses`), and the partitions
 the worker holds and should give back (`view`), which the training loop
 acts on at its next step boundary.
+
+It beats at the interval the scheduler gave at registration (the worker
+daemon passes it on with `set_interval`), HEARTBEAT_INTERVAL_S until then.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import zmq
 
-from protocol.codec import decode, encode
-from protocol.errors import ProtocolError
-from protocol.messages import Heartbeat, Ok
+from protocol.codec import decode_ok, encode
+from protocol.messages import Heartbeat
+from worker.transport import HEARTBEAT_SEND_HWM_MSGS, connect_dealer, drain, send_nowait
 
+# Beat this often until the scheduler's `register` answer gives the interval
+# for workers (ps/sched/state.py, WORKER_HEARTBEAT_INTERVAL_S: the same value,
+# so a worker beats as asked even before the answer is read).
 HEARTBEAT_INTERVAL_S = 0.25
+# An interval from the scheduler is held to these bounds (seconds): a wrong
+# value must neither make the thread spin nor fall silent.
+MIN_HEARTBEAT_INTERVAL_S = 0.01
+MAX_HEARTBEAT_INTERVAL_S = 60.0
+# Longest the thread waits in one poll, whatever the interval: how soon
+# `close()` is noticed (it joins for CLOSE_TIMEOUT_S).
+MAX_POLL_S = 0.25
+CLOSE_TIMEOUT_S = 5.0
 
 
 class HeartbeatThread(threading.Thread):
@@ -63,59 +78,61 @@ class HeartbeatThread(threading.Thread):
             known = self._view
         return dict(known[1]) if known is not None and known[0] == job else None
 
+    def set_interval(self, seconds) -> bool:
+        """Beat every `seconds` (held to the bounds), from the next beat on; False if it is not a number.
+
+        Thread-safe (one float, read once per beat); the worker daemon calls
+        it with the `heartbeat_interval_s` of the scheduler's register answer.
+        """
+        if type(seconds) not in (int, float) or not math.isfinite(seconds) or seconds <= 0:
+            return False
+        self.interval_s = min(MAX_HEARTBEAT_INTERVAL_S, max(MIN_HEARTBEAT_INTERVAL_S, float(seconds)))
+        return True
+
     def close(self) -> None:
         self._closing.set()
-        self.join(timeout=5)
+        self.join(timeout=CLOSE_TIMEOUT_S)
 
     def run(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 10)
-        sock.connect(self.addr)
+        sock = connect_dealer(self.ctx, self.addr, send_hwm=HEARTBEAT_SEND_HWM_MSGS)
         rid = 0
-        next_beat = 0.0
+        last_beat = None
         try:
             while not self._closing.is_set():
                 now = time.monotonic()
+                # Read each time round: a new interval counts from the last beat.
+                next_beat = now if last_beat is None else last_beat + self.interval_s
                 if now >= next_beat:
+                    last_beat = now
                     next_beat = now + self.interval_s
                     with self._lock:
                         job, state = self._job, self._state
                     rid += 1
-                    try:
-                        sock.send_multipart(encode(Heartbeat(rid=rid, worker=self.worker, job=job, role="worker",
-                                                             state=state)), zmq.DONTWAIT)
-                    except zmq.Again:
-                        pass  # scheduler away: keep beating, it may come back
-                # The poll paces the loop: it wakes for a reply or for the next beat.
-                if sock.poll(max(1, int((next_beat - time.monotonic()) * 1000))):
-                    self._drain(sock)
+                    # Dropped if the queue is full (scheduler away): keep beating, it may come back.
+                    send_nowait(sock, encode(Heartbeat(rid=rid, worker=self.worker, job=job, role="worker",
+                                                       state=state)))
+                # The poll paces the loop: it wakes for a reply, the next beat, or to look for close().
+                wait_s = min(MAX_POLL_S, next_beat - time.monotonic())
+                if sock.poll(max(1, int(wait_s * 1000))):
+                    drain(sock, self._on_answer)
         finally:
             sock.close(0)
 
-    def _drain(self, sock: zmq.Socket) -> None:
-        for _ in range(100):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = decode(frames)
-            except ProtocolError:
-                continue
-            if not isinstance(reply, Ok):
-                continue
-            if reply.body.get("reregister"):
-                self.reregister_needed.set()
-            shards = reply.body.get("shards")
-            with self._lock:
-                current = self._job
-                if reply.job and isinstance(shards, list) and all(isinstance(a, str) for a in shards):
-                    self._shards = (reply.job, shards)
-                if reply.job and reply.job == current and _is_view(reply.body):
-                    self._view = (reply.job, reply.body)
-            if reply.body.get("stop") and reply.job and reply.job == current:
-                self.stop_requested.set()
+    def _on_answer(self, frames: list) -> None:
+        reply = decode_ok(frames)
+        if reply is None:
+            return
+        if reply.body.get("reregister"):
+            self.reregister_needed.set()
+        shards = reply.body.get("shards")
+        with self._lock:
+            current = self._job
+            if reply.job and isinstance(shards, list) and all(isinstance(a, str) for a in shards):
+                self._shards = (reply.job, shards)
+            if reply.job and reply.job == current and _is_view(reply.body):
+                self._view = (reply.job, reply.body)
+        if reply.body.get("stop") and reply.job and reply.job == current:
+            self.stop_requested.set()
 
 
 def _is_view(body: dict) -> bool:

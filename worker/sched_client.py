@@ -3,17 +3,20 @@
 Blocking: `request` sends, waits up to `timeout_s` for the answer, and on
 silence re-sends the same request on a fresh socket, `retries` times, then
 raises SchedulerUnavailable naming the address. An `error` reply raises
-SchedulerError with its code and sentence.
+SchedulerError with its code and sentence. The socket comes from
+worker/transport.py.
 """
 from __future__ import annotations
 
 import itertools
+import time
 
 import zmq
 
 from protocol.codec import decode, encode, raise_if_error
 from protocol.errors import ProtocolError
 from protocol.messages import Message, Ok
+from worker.transport import connect_dealer, recv_message, send_message
 
 REQUEST_TIMEOUT_S = 5.0
 REQUEST_RETRIES = 2
@@ -47,9 +50,7 @@ class SchedulerClient:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = self.ctx.socket(zmq.DEALER)
-            self._sock.setsockopt(zmq.LINGER, 0)
-            self._sock.connect(self.addr)
+            self._sock = connect_dealer(self.ctx, self.addr)
         return self._sock
 
     def close(self) -> None:
@@ -65,12 +66,10 @@ class SchedulerClient:
         frames = encode(type(msg)(**{**msg.__dict__, "rid": rid, "worker": msg.worker or self.worker}))
         for _attempt in range(retries + 1):
             sock = self._socket()
-            sock.send_multipart(frames, copy=False)
-            poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            deadline_ms = int(timeout_s * 1000)
-            while poller.poll(deadline_ms):
-                reply = decode(sock.recv_multipart())
+            send_message(sock, frames)
+            deadline = time.monotonic() + timeout_s
+            while sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                reply = decode(recv_message(sock))
                 if reply.rid != rid:
                     continue  # an answer to an earlier, abandoned request
                 try:

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from worker.trainer import accumulate_gradients, global_norm
-
+# Elements per float64 chunk in global_norm: the float64 copy a chunk needs stays
+# at 256 KiB, never a float64 copy of a whole gradient.
+NORM_CHUNK_ELEMS = 32 * 1024
 # Stream id of per-(partition, step) dropout masks under the job seed.
 _DROPOUT_STEP_STREAM = 2
 
@@ -50,6 +51,52 @@ class StepResult:
     losses: dict[int, float]
     accuracies: dict[int, float]
     examples: int
+
+
+def global_norm(grads: Mapping[str, Any], *, skip=()) -> float:
+    """L2 norm of every element of `grads` except the tensors named in `skip`.
+
+    Accumulated in float64, chunk by chunk: the norm a worker pushes and the
+    shards clip by (min(1, clip_norm / norm)).
+    """
+    skip = frozenset(skip)
+    total = 0.0
+    for name, g in grads.items():
+        if name in skip:
+            continue
+        flat = g.reshape(-1)
+        for lo in range(0, flat.size, NORM_CHUNK_ELEMS):
+            c = flat[lo:lo + NORM_CHUNK_ELEMS].astype(np.float64)
+            total += float(c.dot(c))
+    return math.sqrt(total)
+
+
+def accumulate_gradients(model, x, y, micro_batches: int, *, accumulate: bool = False,
+                         scale: float = 1.0) -> tuple[float, float]:
+    """Fill model.grads with `scale` times the gradient of the whole batch (x, y),
+    computed in `micro_batches` consecutive pieces (added to the grads already
+    there with `accumulate`); returns the batch's (mean loss, accuracy).
+
+    Piece i runs train_step(accumulate=i > 0, scale=len_i / len(x)) -- 1/k
+    for the equal pieces a valid job has -- so the sum is the one-batch mean
+    gradient. Exact for models without BatchNorm; with BatchNorm each piece
+    normalises by its own statistics, as micro-batching does everywhere.
+    """
+    n = len(x)
+    k = int(micro_batches)
+    if not 1 <= k <= n:
+        raise ValueError(f"micro_batches must be in 1..{n} (the batch size), found {micro_batches}")
+    if k == 1:
+        return model.train_step(x, y, accumulate=accumulate, scale=scale)
+    loss = acc = 0.0
+    edges = [n * i // k for i in range(k + 1)]
+    for i in range(k):
+        a, b = edges[i], edges[i + 1]
+        w = (b - a) / n
+        li, ai = model.train_step(x[a:b], y[a:b], accumulate=accumulate or i > 0, scale=w * scale)
+        loss += li * w
+        acc += ai * w
+    return loss, acc
 
 
 def clip_scale(clip_norm: float, norm: float) -> float:

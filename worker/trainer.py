@@ -6,11 +6,10 @@ servers' update applied locally by an `update` object the caller passes
 (`ps.optim.Updater`; worker/ never imports ps/). It is the yardstick the
 cluster is checked against, and `psctl train-local`.
 
-One step: batch(t) -> `accumulate_gradients` over data.micro_batches ->
-`global_norm` of the learned gradients -> update.apply(params, grads,
-step=t, norm=norm). BatchNorm running statistics are already updated in
-place by the forward pass, so they are not passed to the updater (the
-cluster pushes them as deltas; here they would be applied twice).
+One step is the cluster worker's own (worker/step.py, `partitions_step`)
+as partition 0 of 1: batch(t) -> gradients over data.micro_batches ->
+finiteness and norm -> update.apply(params, grads and running-statistics
+deltas, step=t, norm=norm), what a shard applies.
 """
 from __future__ import annotations
 
@@ -24,29 +23,9 @@ import numpy as np
 
 from protocol.partitions import schedule_length, steps_owed
 from worker.data import Dataset, load_dataset, worker_batches
+from worker.step import Diverged, partitions_step
 
-# Elements per float64 chunk in global_norm: the same chunking as
-# ps.optim.global_norm, so both sides sum in the same order and agree to the bit.
-NORM_CHUNK_ELEMS = 32 * 1024
 EVAL_BATCH = 512
-
-
-def global_norm(grads: Mapping[str, Any], *, skip=()) -> float:
-    """L2 norm of every element of `grads` except the tensors named in `skip`.
-
-    Accumulated in float64, chunk by chunk, as ps.optim.global_norm does
-    (the formula the servers use to clip by the pushing worker's norm).
-    """
-    skip = frozenset(skip)
-    total = 0.0
-    for name, g in grads.items():
-        if name in skip:
-            continue
-        flat = g.reshape(-1)
-        for lo in range(0, flat.size, NORM_CHUNK_ELEMS):
-            c = flat[lo:lo + NORM_CHUNK_ELEMS].astype(np.float64)
-            total += float(c.dot(c))
-    return math.sqrt(total)
 
 
 def evaluate(model, dataset: Dataset, *, batch_size: int = EVAL_BATCH, xp=None) -> tuple[float, float]:
@@ -63,34 +42,6 @@ def evaluate(model, dataset: Dataset, *, batch_size: int = EVAL_BATCH, xp=None) 
         loss_sum += float(ls)
         correct += int(c)
     return loss_sum / n, correct / n
-
-
-def accumulate_gradients(model, x, y, micro_batches: int, *, accumulate: bool = False,
-                         scale: float = 1.0) -> tuple[float, float]:
-    """Fill model.grads with `scale` times the gradient of the whole batch (x, y),
-    computed in `micro_batches` consecutive pieces (added to the grads already
-    there with `accumulate`); returns the batch's (mean loss, accuracy).
-
-    Piece i runs train_step(accumulate=i > 0, scale=len_i / len(x)) -- 1/k
-    for the equal pieces a valid job has -- so the sum is the one-batch mean
-    gradient. Exact for models without BatchNorm; with BatchNorm each piece
-    normalises by its own statistics, as micro-batching does everywhere.
-    """
-    n = len(x)
-    k = int(micro_batches)
-    if not 1 <= k <= n:
-        raise ValueError(f"micro_batches must be in 1..{n} (the batch size), found {micro_batches}")
-    if k == 1:
-        return model.train_step(x, y, accumulate=accumulate, scale=scale)
-    loss = acc = 0.0
-    edges = [n * i // k for i in range(k + 1)]
-    for i in range(k):
-        a, b = edges[i], edges[i + 1]
-        w = (b - a) / n
-        li, ai = model.train_step(x[a:b], y[a:b], accumulate=accumulate or i > 0, scale=w * scale)
-        loss += li * w
-        acc += ai * w
-    return loss, acc
 
 
 def total_steps(spec: Mapping, train_size: int) -> int:
@@ -116,6 +67,13 @@ class TrainResult:
         out = asdict(self)
         del out["history"]
         return out
+
+
+class _StepBatches:
+    """A callable step -> (x, y) as the `.batch(step)` object a step takes."""
+
+    def __init__(self, fn: Callable[[int], tuple[np.ndarray, np.ndarray]]):
+        self.batch = fn
 
 
 class LocalTrainer:
@@ -149,9 +107,9 @@ class LocalTrainer:
                                  seed=seed, xp=self.xp)
         self.batch_size = int(data["batch_size"])
         self.micro_batches = int(data.get("micro_batches", 1))
-        if batches is None:
-            batches = worker_batches(self.train_set, k=0, num=1, batch_size=self.batch_size, seed=seed).batch
-        self._batches = batches
+        self.seed = seed
+        self._batches = (worker_batches(self.train_set, k=0, num=1, batch_size=self.batch_size, seed=seed)
+                         if batches is None else _StepBatches(batches))
         self.steps_per_epoch = math.ceil(len(self.train_set) / self.batch_size)
         self.total_steps = total_steps(spec, len(self.train_set))
         # A cosine schedule of an `epochs:` job decays over the steps just counted.
@@ -159,31 +117,35 @@ class LocalTrainer:
         self.eval_every = int(spec.get("eval_every") or 0) or self.steps_per_epoch
         self.target_accuracy = spec.get("target_accuracy")
         self.progress = progress
-        # The updater works on host float32 arrays. On the CPU those are the
-        # model's own arrays (updated in place); on a GPU a host mirror of the
-        # learned parameters, copied back after each update.
+        # The updater works on host float32 arrays, as a shard does. On the
+        # CPU those are the model's own arrays (updated in place); on a GPU a
+        # host mirror, copied back after each update.
         if self.device.name == "cpu":
-            self._host = self.model.params
+            self._host = self.model.arrays()
         else:
-            self._host = {k: self.device.to_host(v).copy() for k, v in self.model.params.items()}
-        host_arrays = dict(self._host)
-        for k, v in self.model.stats.items():
-            host_arrays[k] = v if self.device.name == "cpu" else self.device.to_host(v).copy()
-        self.updater = update if hasattr(update, "apply") else update(host_arrays, self.model.nonlearned_names(),
+            self._host = {k: self.device.to_host(v).copy() for k, v in self.model.arrays().items()}
+        self.updater = update if hasattr(update, "apply") else update(dict(self._host),
+                                                                      self.model.nonlearned_names(),
                                                                       spec["optimizer"])
 
     def _step(self, t: int) -> tuple[float, float, int]:
-        x, y = self._batches(t)
-        x, y = self.xp.asarray(x), self.xp.asarray(y)
-        loss, acc = accumulate_gradients(self.model, x, y, self.micro_batches)
-        grads = self.model.grads
-        norm = global_norm(grads)
+        """One step: the cluster worker's step (worker/step.py) as partition 0 of 1, then the shard's update.
+
+        A non-finite loss or gradient is not applied: the step reports a NaN loss and run() stops there.
+        """
+        try:
+            result = partitions_step(self.model, {0: self._batches}, t, micro_batches=self.micro_batches,
+                                     clip_norm=float(self.spec["optimizer"]["clip_norm"]), seed=self.seed,
+                                     xp=self.xp)
+        except Diverged:
+            return float("nan"), float("nan"), self.batch_size
+        grads = {**result.grads, **result.deltas}  # running statistics travel as deltas, as to a shard
         if self.device.name != "cpu":
             grads = {k: self.device.to_host(g) for k, g in grads.items()}
-        self.updater.apply(self._host, grads, step=t, norm=norm)
+        self.updater.apply(self._host, grads, step=t, norm=result.norm)
         if self.device.name != "cpu":
             self.model.load(self._host)
-        return float(loss), float(acc), len(x)
+        return result.losses[0], result.accuracies[0], result.examples
 
     def run(self) -> TrainResult:
         """Train for the job's steps (or until target_accuracy); evaluate every

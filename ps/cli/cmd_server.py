@@ -42,6 +42,7 @@ def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, m
     try:
         shard = Shard(shard_id, bind, scheduler=sched, advertise=advertise, checkpoint_dir=checkpoint_dir,
                       max_message_bytes=max_message_bytes)
+        shard.start()  # claims a shard id if none was given, restores checkpoints, registers
     except (BindError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     port = serve_metrics_or_fail(shard.metrics, metrics_port, metrics_host, shard.close)

@@ -42,8 +42,13 @@ from ps.sched.views import Views
 
 log = logging.getLogger("pscluster.scheduler")
 
-# Peers heartbeat this often; the value is sent to them at registration.
-HEARTBEAT_INTERVAL_S = 0.5
+# How often each role heartbeats, in seconds: the `register` reply carries the
+# registering role's value (`heartbeat_interval_s`) and the peer obeys it
+# (ps/scheduler_link.py, worker/heartbeat.py). Workers beat faster: their beat's
+# answer is how they learn, between steps, of stops, moves and partitions.
+SERVER_HEARTBEAT_INTERVAL_S = 0.5
+WORKER_HEARTBEAT_INTERVAL_S = 0.25
+HEARTBEAT_INTERVAL_S = {"server": SERVER_HEARTBEAT_INTERVAL_S, "worker": WORKER_HEARTBEAT_INTERVAL_S}
 # Silent this long means dead. 3..5 intervals is reasonable; we allow more
 # because a busy 2-core machine can stall a process for a second or two.
 HEARTBEAT_TIMEOUT_S = 6.0
@@ -204,7 +209,7 @@ class SchedulerState(Placement, Reports, Views):
             shard = -1
         else:
             raise checks.bad(f"role must be server or worker, found {msg.role!r:.40}", msg.rid)
-        self._ok(out, req, {"heartbeat_interval_s": HEARTBEAT_INTERVAL_S,
+        self._ok(out, req, {"heartbeat_interval_s": HEARTBEAT_INTERVAL_S[msg.role],
                             "heartbeat_timeout_s": self.heartbeat_timeout_s,
                             "shard": shard if msg.role == "server" else -1})
 

@@ -1,5 +1,4 @@
-"""`psctl bench nn`: train_step throughput of the backprop library against the
-array module's own matmul speed, measured in the same run.
+"""`psctl bench nn`: the command; the benchmark itself is worker/bench/nn.py.
 
 Plugged into `psctl bench` by the `psctl.bench` entry points of setup.cfg;
 the backprop library is imported inside the function only.
@@ -9,27 +8,6 @@ from __future__ import annotations
 import json
 
 import click
-
-COLUMNS = (  # (header, row key, format)
-    ("model", "model", "{}"),
-    ("batch", "batch", "{}"),
-    ("examples/s", "examples_per_s", "{:,.0f}"),
-    ("GFLOP/s", "gflops", "{:.1f}"),
-    ("matmul GFLOP/s", "matmul_gflops", "{:.1f}"),
-    ("ratio", "ratio", "{:.2f}"),
-)
-
-
-def format_table(rows: list[dict]) -> str:
-    """Rows as an aligned text table (text left, numbers right)."""
-    cells = [[fmt.format(row[key]) for _, key, fmt in COLUMNS] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
-
-    def line(values: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
-                         for i, (v, w) in enumerate(zip(values, widths)))
-
-    return "\n".join([line([h for h, _, _ in COLUMNS]), *(line(c) for c in cells)])
 
 
 @click.command("nn")
@@ -46,8 +24,8 @@ def nn(device: str, as_json: bool, min_time: float) -> None:
     GFLOP/s of the same MLP matmuls run alone; 1.0 means no overhead.
     """
     # Lazy: ps must stay importable without worker.
+    from worker.bench.nn import format_table, run_nn_bench
     from worker.device import DeviceError
-    from worker.nn.bench import run_nn_bench
 
     try:
         rows = run_nn_bench(device, min_time_s=min_time)

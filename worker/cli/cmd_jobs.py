@@ -7,9 +7,10 @@ import uuid
 
 import click
 
-from protocol.jobstate import FINAL_STATES
+from protocol.jobstate import FINAL_STATES, JobState
 from worker.cli.common import scheduler_address
-from worker.cli.progress import ProgressBar, print_summary
+from worker.views.progress import ProgressBar
+from worker.views.report import job_summary, print_summary
 
 # How often `--wait` asks the scheduler how the job is doing.
 POLL_INTERVAL_S = 0.5
@@ -50,20 +51,6 @@ def load_and_check(path: str) -> dict:
     return spec
 
 
-SUMMARY_FIELDS = ("test_accuracy", "test_loss", "final_loss", "steps_done", "steps_asked", "examples", "train_s",
-                  "examples_per_s", "wall_s", "stopped_by")
-
-
-def job_summary(body: dict) -> dict:
-    """The summary object of a finished (or failing) job's status: every figure from what its partitions did."""
-    result = body.get("result") or {}
-    summary = {"job": body["id"], "status": body["state"], **{k: result.get(k) for k in SUMMARY_FIELDS},
-               "error": body.get("error") or ""}
-    summary["partitions"] = [{k: p.get(k) for k in ("index", "steps", "steps_done", "examples", "holder", "holders")}
-                             for p in result.get("partitions") or body.get("partitions") or []]
-    return summary
-
-
 def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = None,
              plot: str | None = None) -> dict:
     """Poll `job` until it ends, drawing the progress bar; returns its final status body.
@@ -92,7 +79,7 @@ def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = N
 
 
 def _plot(rows: list[dict], path: str, job: str) -> None:
-    from worker.cli.progress import write_loss_plot
+    from worker.views.progress import write_loss_plot
 
     try:
         written = write_loss_plot(rows, path, title=job)
@@ -129,9 +116,8 @@ def submit(job_file, scheduler, wait, as_json, plot, submission_id):
         return
     click.echo(f"submitted {job}", err=True)
     body = wait_for(client, job, plot=plot)
-    summary = job_summary(body)
-    print_summary(summary, as_json=as_json)
-    if body["state"] != "succeeded":
+    print_summary(job_summary(body), as_json=as_json)
+    if body["state"] != JobState.SUCCEEDED:
         raise SystemExit(1)
 
 
@@ -142,7 +128,7 @@ def submit(job_file, scheduler, wait, as_json, plot, submission_id):
 def status(job, scheduler, as_json):
     """Show one job (clocks, staleness, progress) or, without JOB, the cluster."""
     from protocol.messages import Status
-    from worker.cli.status_view import render_cluster, render_job
+    from worker.views.report import render_cluster, render_job
 
     body = _call(_client(scheduler), Status(job=job or ""))
     if as_json:
@@ -157,7 +143,7 @@ def status(job, scheduler, as_json):
 def list_jobs(scheduler, as_json):
     """List every job, newest first."""
     from protocol.messages import List
-    from worker.cli.status_view import render_list
+    from worker.views.report import render_list
 
     body = _call(_client(scheduler), List())
     click.echo(json.dumps(body, sort_keys=True, default=str) if as_json else render_list(body["jobs"]))

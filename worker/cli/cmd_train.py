@@ -13,67 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 
 import click
 
-# A TTY progress line is redrawn at most this often.
-PROGRESS_REDRAW_S = 0.1
-# Without a TTY (CI logs, pipes) a line is printed every this fraction of the run.
-PROGRESS_LOG_FRACTION = 0.1
-
-
-class ProgressLine:
-    """Renders LocalTrainer progress rows on a stream (stderr).
-
-    On a TTY one line is redrawn in place with \\r (throttled); otherwise a
-    full line is written each time the run crosses another ~10% of its
-    steps, so logs stay short.
-    """
-
-    def __init__(self, total: int, stream=None):
-        self.stream = stream if stream is not None else sys.stderr
-        self.total = max(1, int(total))
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_draw = 0.0
-        self._last_bucket = 0
-        self._width = 0
-        self._test = None
-
-    def format(self, row: dict) -> str:
-        if "test_accuracy" in row:
-            self._test = row["test_accuracy"]
-        parts = [f"step {row['step']}/{self.total}", f"loss {row['loss']:.4f}", f"acc {row['accuracy']:.3f}"]
-        if self._test is not None:
-            parts.append(f"test {self._test:.4f}")
-        parts.append(f"{row['examples_per_s']:,.0f} ex/s")
-        parts.append(f"{row['wall_s']:.1f}s")
-        return "  ".join(parts)
-
-    def __call__(self, row: dict) -> None:
-        line = self.format(row)
-        last = row["step"] >= self.total
-        if self.tty:
-            now = time.monotonic()
-            if last or "test_accuracy" in row or now - self._last_draw >= PROGRESS_REDRAW_S:
-                pad = " " * max(0, self._width - len(line))
-                self.stream.write("\r" + line + pad)
-                self.stream.flush()
-                self._width = len(line)
-                self._last_draw = now
-            return
-        bucket = int(row["step"] / (self.total * PROGRESS_LOG_FRACTION))
-        if bucket > self._last_bucket or last or row["step"] == 1:
-            self._last_bucket = bucket
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        """End the redrawn line (TTY) so what follows starts on a fresh one."""
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
+from worker.views.progress import ProgressLine
 
 
 def _finite_or_none(value):

@@ -19,18 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from protocol.jobspec import normalize_section
 from worker.nn.conv import Conv2D, MaxPool2D
-from worker.nn.init import INIT_NAMES
-from worker.nn.layers import (
-    Dense,
-    Dropout,
-    Flatten,
-    Layer,
-    LeakyReLU,
-    ReLU,
-    Sigmoid,
-    Tanh,
-)
+from worker.nn.layers import Dense, Dropout, Flatten, Layer, LeakyReLU, ReLU, Sigmoid, Tanh
 from worker.nn.losses import cross_entropy_sum_and_correct, softmax_cross_entropy
 from worker.nn.norm import BatchNorm
 
@@ -42,18 +33,6 @@ ACTIVATIONS = {
     "leaky_relu": lambda *, inplace: LeakyReLU(LEAKY_RELU_ALPHA, inplace=inplace),
     "tanh": Tanh,
     "sigmoid": Sigmoid,
-}
-
-# protocol/jobspec.py's defaults, so a hand-written partial spec (tests, benchmarks) works too.
-MODEL_DEFAULTS: dict[str, Any] = {
-    "kind": "mlp",
-    "hidden": [128],
-    "activation": "relu",
-    "dropout": 0.0,
-    "batchnorm": False,
-    "init": "he",
-    "channels": [8, 16],
-    "kernel": 3,
 }
 
 # Stream ids under the job seed: one for weights, one for dropout masks.
@@ -242,18 +221,20 @@ def build_model(
     xp: Any = np,
     dtype: Any = np.float32,
 ) -> Model:
-    """Build the Model of a normalized `model:` spec (protocol/jobspec.py).
+    """Build the Model of a `model:` spec, normalized by protocol/jobspec.py
+    (a partial spec takes the job file's defaults and rules).
 
     mlp: [Flatten] -> per hidden width Dense -> [BatchNorm] -> act -> [Dropout]
          -> Dense(num_classes).
     cnn: per channel count Conv2D(kernel, 'same') -> [BatchNorm] -> act ->
          MaxPool2D(2), then Flatten and the mlp part.
     One seed gives bit-identical initial weights (drawn on the host) and the
-    dropout streams. Raises ValueError (one sentence) for impossible specs.
+    dropout streams. Raises ValueError (one sentence) for a bad spec (SpecError,
+    naming the field) or one the data cannot fit.
     """
-    spec = {**MODEL_DEFAULTS, **spec}
+    spec = normalize_section("model", spec)
     input_shape = tuple(int(d) for d in input_shape)
-    _check_spec(spec, input_shape, num_classes)
+    _check_fit(spec, input_shape, num_classes)
     init_rng = np.random.default_rng(np.random.SeedSequence([seed, _INIT_STREAM]))
     make_act = ACTIVATIONS[spec["activation"]]
     bn, p_drop, init = bool(spec["batchnorm"]), float(spec["dropout"]), spec["init"]
@@ -295,8 +276,8 @@ def count_values(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes
     this before it allocates anything (a model too large must fail the job,
     not the worker's process).
     """
-    spec = {**MODEL_DEFAULTS, **spec}
-    _check_spec(spec, tuple(int(d) for d in input_shape), num_classes)
+    spec = normalize_section("model", spec)
+    _check_fit(spec, tuple(int(d) for d in input_shape), num_classes)
     per_norm = 4 if spec["batchnorm"] else 0   # gamma, beta, running mean and variance
     count = 0
     shape = tuple(int(d) for d in input_shape)
@@ -316,41 +297,25 @@ def _dropout_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, _DROPOUT_STREAM, index]).generate_state(1)[0])
 
 
-def _check_spec(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> None:
-    kind = spec["kind"]
-    if kind not in ("mlp", "cnn"):
-        raise ValueError(f"unknown model kind {kind!r}: choose mlp or cnn")
-    if spec["activation"] not in ACTIVATIONS:
-        raise ValueError(
-            f"unknown activation {spec['activation']!r}: choose one of {', '.join(ACTIVATIONS)}"
-        )
-    if spec["init"] not in INIT_NAMES:
-        raise ValueError(f"unknown init {spec['init']!r}: choose one of {', '.join(INIT_NAMES)}")
+def _check_fit(spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int) -> None:
+    """What a normalized spec cannot say alone: whether this data fits the model."""
     if num_classes < 1:
         raise ValueError(f"a model needs at least one class, got num_classes={num_classes}")
     if not input_shape or any(d < 1 for d in input_shape):
         raise ValueError(f"input shape {input_shape} must be non-empty with sizes >= 1")
-    if any(int(h) < 1 for h in spec["hidden"]):
-        raise ValueError(f"hidden widths must be >= 1, got {list(spec['hidden'])}")
-    if not 0.0 <= float(spec["dropout"]) < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {spec['dropout']}")
-    if kind != "cnn":
+    if spec["kind"] != "cnn":
         return
     if len(input_shape) != 3:
         raise ValueError(
             f"a cnn needs image input shaped (channels, height, width), got input shape "
             f"{input_shape}; use kind mlp for flat features"
         )
-    kernel, channels = int(spec["kernel"]), list(spec["channels"])
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"cnn kernel must be an odd int >= 1 for 'same' padding, got {kernel}")
-    if not channels or any(int(c) < 1 for c in channels):
-        raise ValueError(f"a cnn needs at least one conv stage with channels >= 1, got {channels}")
+    stages = len(spec["channels"])
     _, h, w = input_shape
-    for stage in range(len(channels)):
+    for stage in range(stages):
         h, w = h // POOL_SIZE, w // POOL_SIZE
         if h < 1 or w < 1:
             raise ValueError(
-                f"input {input_shape[1]}x{input_shape[2]} is too small for {len(channels)} "
+                f"input {input_shape[1]}x{input_shape[2]} is too small for {stages} "
                 f"pooling stages: it shrinks to nothing at stage {stage + 1}"
             )

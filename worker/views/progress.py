@@ -1,17 +1,23 @@
-"""The live progress bar and the end-of-job summary `psctl` prints.
+"""Live progress on stderr, and the loss curve as a PNG.
 
-One line on stderr: bar, step, loss, accuracy, test accuracy, examples/s,
-elapsed time. On a terminal it is redrawn in place; otherwise (CI, a pipe)
-a line is printed every PLAIN_EVERY_S seconds so logs stay short.
+`ProgressBar` draws a cluster job's progress (`psctl submit --wait`, `psctl
+run`): bar, steps, slowest partition, loss, accuracy, test accuracy,
+examples/s, elapsed time. On a terminal it is redrawn in place; otherwise
+(CI, a pipe) a line is printed every PLAIN_EVERY_S seconds or tenth of the
+job, so logs stay short. `ProgressLine` does the same for the single-process
+trainer (`psctl train-local`).
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 BAR_WIDTH = 24
 PLAIN_EVERY_S = 5.0
+# ProgressLine: a TTY line is redrawn at most this often; without a TTY a
+# line is printed every this fraction of the run.
+PROGRESS_REDRAW_S = 0.1
+PROGRESS_LOG_FRACTION = 0.1
 
 
 def _fmt(value, spec: str, missing: str = "-") -> str:
@@ -81,6 +87,58 @@ class ProgressBar:
         self.stream.flush()
 
 
+class ProgressLine:
+    """Renders LocalTrainer progress rows on a stream (stderr).
+
+    On a TTY one line is redrawn in place with \\r (throttled); otherwise a
+    full line is written each time the run crosses another ~10% of its
+    steps, so logs stay short.
+    """
+
+    def __init__(self, total: int, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.total = max(1, int(total))
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last_draw = 0.0
+        self._last_bucket = 0
+        self._width = 0
+        self._test = None
+
+    def format(self, row: dict) -> str:
+        if "test_accuracy" in row:
+            self._test = row["test_accuracy"]
+        parts = [f"step {row['step']}/{self.total}", f"loss {row['loss']:.4f}", f"acc {row['accuracy']:.3f}"]
+        if self._test is not None:
+            parts.append(f"test {self._test:.4f}")
+        parts.append(f"{row['examples_per_s']:,.0f} ex/s")
+        parts.append(f"{row['wall_s']:.1f}s")
+        return "  ".join(parts)
+
+    def __call__(self, row: dict) -> None:
+        line = self.format(row)
+        last = row["step"] >= self.total
+        if self.tty:
+            now = time.monotonic()
+            if last or "test_accuracy" in row or now - self._last_draw >= PROGRESS_REDRAW_S:
+                pad = " " * max(0, self._width - len(line))
+                self.stream.write("\r" + line + pad)
+                self.stream.flush()
+                self._width = len(line)
+                self._last_draw = now
+            return
+        bucket = int(row["step"] / (self.total * PROGRESS_LOG_FRACTION))
+        if bucket > self._last_bucket or last or row["step"] == 1:
+            self._last_bucket = bucket
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        """End the redrawn line (TTY) so what follows starts on a fresh one."""
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 def write_loss_plot(rows: list[dict], path: str, *, title: str) -> str | None:
     """Training loss (and test accuracy) against wall time as a PNG; None if matplotlib is missing.
 
@@ -111,36 +169,3 @@ def write_loss_plot(rows: list[dict], path: str, *, title: str) -> str | None:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-SUMMARY_ORDER = ("job", "status", "test_accuracy", "test_loss", "final_loss", "steps_done", "steps_asked",
-                 "examples", "train_s", "examples_per_s", "wall_s", "stopped_by", "error")
-
-
-def print_summary(summary: dict, *, as_json: bool, stream=None) -> None:
-    """The job's final figures: one JSON object, or aligned lines and a partition table for people."""
-    stream = stream or sys.stdout
-    if as_json:
-        stream.write(json.dumps(summary, sort_keys=True, default=str) + "\n")
-        return
-    for key in SUMMARY_ORDER:
-        if key in summary and summary[key] not in (None, ""):
-            value = summary[key]
-            shown = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) \
-                else str(value)
-            stream.write(f"{key:>15}  {shown}\n")
-    stream.writelines(line + "\n" for line in partition_table(summary.get("partitions") or []))
-    stream.flush()
-
-
-def partition_table(parts: list[dict]) -> list[str]:
-    """One line per partition: steps done of owed, examples, and who trained which steps."""
-    if not parts:
-        return []
-    lines = [f"{'partition':>15}  {'steps':>13}  {'examples':>10}  trained by (steps)"]
-    for p in parts:
-        who = ", ".join(f"{h['worker'] or '?'} ({h['first']}-{h['last']})" for h in p.get("holders") or []
-                        if h["last"] > h["first"]) or "-"
-        steps = f"{p.get('steps_done', 0)}/{p.get('steps') or '?'}"
-        lines.append(f"{p['index']:>15}  {steps:>13}  {p.get('examples', 0):>10,}  {who}")
-    return lines

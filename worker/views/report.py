@@ -1,11 +1,56 @@
-"""Text views of scheduler answers for people (`psctl status`, `psctl list`)."""
+"""Text views of scheduler answers for people: a finished job's summary, `psctl status`, `psctl list`."""
 from __future__ import annotations
 
+import json
+import sys
 import time
 
-from worker.cli.progress import partition_table
-
 HIST_WIDTH = 30
+SUMMARY_FIELDS = ("test_accuracy", "test_loss", "final_loss", "steps_done", "steps_asked", "examples", "train_s",
+                  "examples_per_s", "wall_s", "stopped_by")
+
+
+def job_summary(body: dict) -> dict:
+    """The summary object of a finished (or failing) job's status: every figure from what its partitions did."""
+    result = body.get("result") or {}
+    summary = {"job": body["id"], "status": body["state"], **{k: result.get(k) for k in SUMMARY_FIELDS},
+               "error": body.get("error") or ""}
+    summary["partitions"] = [{k: p.get(k) for k in ("index", "steps", "steps_done", "examples", "holder", "holders")}
+                             for p in result.get("partitions") or body.get("partitions") or []]
+    return summary
+
+
+SUMMARY_ORDER = ("job", "status", "test_accuracy", "test_loss", "final_loss", "steps_done", "steps_asked",
+                 "examples", "train_s", "examples_per_s", "wall_s", "stopped_by", "error")
+
+
+def print_summary(summary: dict, *, as_json: bool, stream=None) -> None:
+    """The job's final figures: one JSON object, or aligned lines and a partition table for people."""
+    stream = stream or sys.stdout
+    if as_json:
+        stream.write(json.dumps(summary, sort_keys=True, default=str) + "\n")
+        return
+    for key in SUMMARY_ORDER:
+        if key in summary and summary[key] not in (None, ""):
+            value = summary[key]
+            shown = f"{value:,.4f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) \
+                else str(value)
+            stream.write(f"{key:>15}  {shown}\n")
+    stream.writelines(line + "\n" for line in partition_table(summary.get("partitions") or []))
+    stream.flush()
+
+
+def partition_table(parts: list[dict]) -> list[str]:
+    """One line per partition: steps done of owed, examples, and who trained which steps."""
+    if not parts:
+        return []
+    lines = [f"{'partition':>15}  {'steps':>13}  {'examples':>10}  trained by (steps)"]
+    for p in parts:
+        who = ", ".join(f"{h['worker'] or '?'} ({h['first']}-{h['last']})" for h in p.get("holders") or []
+                        if h["last"] > h["first"]) or "-"
+        steps = f"{p.get('steps_done', 0)}/{p.get('steps') or '?'}"
+        lines.append(f"{p['index']:>15}  {steps:>13}  {p.get('examples', 0):>10,}  {who}")
+    return lines
 
 
 def _when(ts) -> str:

@@ -3,7 +3,8 @@
 Non-blocking: `request` sends and returns; `poll_sockets` and `on_readable`
 fit into the scheduler's one poll loop; `tick` re-sends what timed out on a
 fresh socket with the same request id (Lazy Pirate; shards treat membership
-by epoch, so a repeat is harmless) and gives up after a few tries.
+by epoch, so a repeat is harmless) and gives up after a few tries. Sockets
+are made, sent on and drained by ps/transport.py.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import zmq
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.messages import Error, Message, Ok
+from ps.transport import connect_dealer, drain, send_nowait
 
 log = logging.getLogger("pscluster.scheduler")
 
@@ -36,7 +38,7 @@ class _Pending:
     tries: int = 1
 
 
-class ShardLinks:
+class ShardCalls:
     """One DEALER per shard address, requests in flight, replies to callbacks."""
 
     def __init__(self, ctx: zmq.Context):
@@ -48,15 +50,7 @@ class ShardLinks:
     def _sock(self, addr: str) -> zmq.Socket:
         sock = self.socks.get(addr)
         if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 1000)
-            try:
-                sock.connect(addr)
-            except zmq.ZMQError:
-                sock.close(0)
-                raise
-            self.socks[addr] = sock
+            sock = self.socks[addr] = connect_dealer(self.ctx, addr)
         return sock
 
     def request(self, addr: str, msg: Message, on_reply: Callable, now: float) -> None:
@@ -68,9 +62,7 @@ class ShardLinks:
 
     def _send(self, addr: str, frames: list) -> None:
         try:
-            self._sock(addr).send_multipart(frames, zmq.DONTWAIT, copy=False)
-        except zmq.Again:
-            pass  # the shard is not reading; tick() re-sends
+            send_nowait(self._sock(addr), frames)  # False: the shard is not reading; tick() re-sends
         except zmq.ZMQError as exc:  # an address ZeroMQ cannot use: the request goes unanswered
             log.warning("cannot reach a shard", extra={"addr": addr, "why": exc.strerror})
 
@@ -78,19 +70,18 @@ class ShardLinks:
         return list(self.socks.values())
 
     def on_readable(self, sock: zmq.Socket) -> None:
-        for _ in range(256):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                reply = decode(frames)
-            except ProtocolError as exc:
-                log.warning("bad reply from a shard", extra={"why": exc.message})
-                continue
-            pending = self.pending.pop(reply.rid, None)
-            if pending is not None:
-                pending.on_reply(reply)
+        """Replies waiting on `sock` (a bounded batch) to their callbacks."""
+        drain(sock, self._on_reply)
+
+    def _on_reply(self, frames: list) -> None:
+        try:
+            reply = decode(frames)
+        except ProtocolError as exc:
+            log.warning("bad reply from a shard", extra={"why": exc.message})
+            return
+        pending = self.pending.pop(reply.rid, None)
+        if pending is not None:
+            pending.on_reply(reply)
 
     def tick(self, now: float) -> None:
         for rid, p in list(self.pending.items()):

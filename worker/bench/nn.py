@@ -1,5 +1,5 @@
-"""Benchmark of the backprop library: train_step throughput against the
-array module's own matmul speed, measured in the same run.
+"""The benchmark behind `psctl bench nn`: train_step throughput of the backprop
+library against the array module's own matmul speed, measured in the same run.
 
 FLOP count (documented so that "gflops" means one thing): only the matmuls
 of one train_step are counted, 2*M*N*K each, exactly those the pass runs:
@@ -161,3 +161,25 @@ def run_nn_bench(device: str = "cpu", *, min_time_s: float = 1.0) -> list[dict[s
             "device": dev.name,
         })
     return rows
+
+
+COLUMNS = (  # (header, row key, format)
+    ("model", "model", "{}"),
+    ("batch", "batch", "{}"),
+    ("examples/s", "examples_per_s", "{:,.0f}"),
+    ("GFLOP/s", "gflops", "{:.1f}"),
+    ("matmul GFLOP/s", "matmul_gflops", "{:.1f}"),
+    ("ratio", "ratio", "{:.2f}"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as an aligned text table (text left, numbers right)."""
+    cells = [[fmt.format(row[key]) for _, key, fmt in COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w)
+                         for i, (v, w) in enumerate(zip(values, widths)))
+
+    return "\n".join([line([h for h, _, _ in COLUMNS]), *(line(c) for c in cells)])

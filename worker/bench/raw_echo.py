@@ -27,20 +27,21 @@ Wire form (this module only; it is not the pscluster protocol):
               sent zero-copy from buffers the server filled once at start
               (with b"u": the parameter buffers, updated)
 
-Run the server as `python -m worker.cli.raw_echo --bind tcp://127.0.0.1:0`; it
+Run the server as `python -m worker.bench.raw_echo --bind tcp://127.0.0.1:0`; it
 prints `READY {json}` with its "addr" and serves until SIGTERM or SIGINT.
 """
 from __future__ import annotations
 
+import argparse
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 
-import click
 import numpy as np
 import zmq
 
 from protocol.buffers import keep_freed_buffers
-from worker.cli.common import announce_ready, check_address
+from protocol.endpoints import check_endpoint, ready_line
 
 # Longest the server sleeps in poll before it looks at its stop flag.
 POLL_INTERVAL_MS = 100
@@ -177,19 +178,22 @@ class EchoClient:
         self.socks = []
 
 
-@click.command("raw-echo")
-@click.option("--bind", default="tcp://127.0.0.1:0", show_default=True,
-              help="Address to listen on; port 0 picks a free one.")
-def main(bind: str) -> None:
-    """Serve raw pyzmq echo requests (the reference of `psctl bench pushpull`)."""
-    check_address(bind, "--bind")
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve raw pyzmq echo requests (the reference of `psctl bench pushpull`) until SIGTERM or SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m worker.bench.raw_echo", description=main.__doc__)
+    parser.add_argument("--bind", default="tcp://127.0.0.1:0",
+                        help="Address to listen on; port 0 picks a free one (default: %(default)s).")
+    bind = parser.parse_args(argv).bind
     try:
+        check_endpoint(bind, "--bind")
         server = EchoServer(bind)
+    except ValueError as exc:
+        sys.exit(f"Error: {exc}")
     except zmq.ZMQError as exc:
-        raise click.ClickException(f"cannot listen on {bind}: {exc.strerror}") from None
+        sys.exit(f"Error: cannot listen on {bind}: {exc.strerror}")
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop serving, close, exit 0
         signal.signal(sig, lambda *_: server.stop())
-    announce_ready(role="raw_echo", addr=server.endpoint)
+    print(ready_line(role="raw_echo", addr=server.endpoint), flush=True)
     server.serve()
 
 

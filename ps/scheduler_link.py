@@ -1,0 +1,164 @@
+"""A shard's link to the scheduler: registration, heartbeats, the claim of a shard id.
+
+The shard (ps/shard.py) serves parameters; this owns its one DEALER to the
+scheduler and everything said on it, so the shard's loop only polls the
+socket and calls `on_readable()` and `tick(now)`:
+
+- `register()` announces the shard (its id, or -1 to be given one; its
+  address; the jobs it holds). The scheduler answers with the heartbeat
+  interval for servers, which the link then beats at (before that answer,
+  DEFAULT_HEARTBEAT_INTERVAL_S).
+- `claim(timeout_s)` registers without an id and waits, bounded, for the
+  one the scheduler gives (`psctl server` without --shard-id); the shard
+  calls it at startup (`Shard.start`), never while being constructed.
+- `tick(now)` sends a heartbeat (Paranoid Pirate) when one is due; time is
+  passed in, so tests move it by hand.
+- `on_readable()` reads the scheduler's answers: a new interval is
+  adopted, `reregister` (a restarted scheduler that forgot us) registers again.
+
+Sockets come from ps/transport.py; nothing here blocks except `claim`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import socket as pysocket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protocol.codec import decode, decode_ok, encode
+from protocol.errors import ProtocolError
+from protocol.messages import Error, Heartbeat, Message, Ok, Register
+from ps.transport import HEARTBEAT_SEND_HWM_MSGS, connect_dealer, drain, recv_message, send_nowait
+
+log = logging.getLogger("pscluster.server")
+
+# Beat this often until the scheduler's `register` answer gives the interval
+# for servers (ps/sched/state.py, SERVER_HEARTBEAT_INTERVAL_S: the same value,
+# so a shard whose answer is late still beats as asked).
+DEFAULT_HEARTBEAT_INTERVAL_S = 0.5
+# An interval from the scheduler is held to these bounds (seconds): a wrong
+# value must neither make the shard spin nor fall silent.
+MIN_HEARTBEAT_INTERVAL_S = 0.01
+MAX_HEARTBEAT_INTERVAL_S = 60.0
+# How long a server without --shard-id waits for the scheduler to give it one.
+CLAIM_TIMEOUT_S = 30.0
+# Longest single wait inside `claim`, so the deadline is checked often.
+CLAIM_POLL_MS = 100
+
+
+@dataclass(eq=False)
+class SchedulerLink:
+    """One DEALER to the scheduler; registration, heartbeats, a shard id claimed at startup.
+
+    `jobs()` gives the shard's tables' summaries (job -> summary) for each
+    heartbeat; its keys are the jobs announced at registration.
+    """
+
+    ctx: object
+    addr: str
+    advertise: str
+    shard: int | None
+    jobs: Callable[[], dict]
+    interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    sock: object = None
+    next_beat: float = 0.0                      # when the next beat is due; the first tick beats at once
+    _last_beat: float | None = field(default=None, repr=False)
+    _rid: int = field(default=0, repr=False)
+
+    # --- socket ---
+
+    def connect(self):
+        """The DEALER to the scheduler (made on first use)."""
+        if self.sock is None:
+            self.sock = connect_dealer(self.ctx, self.addr, send_hwm=HEARTBEAT_SEND_HWM_MSGS)
+        return self.sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+    def _send(self, msg: Message) -> int:
+        """Send `msg` with the next request id (dropped if the scheduler is away); returns the id."""
+        self._rid += 1
+        frames = encode(type(msg)(**{**msg.__dict__, "rid": self._rid}))
+        send_nowait(self.connect(), frames)  # a full queue: the next beat or register tries again
+        return self._rid
+
+    # --- registration ---
+
+    def register(self) -> int:
+        """Announce this shard (id or -1, address, jobs held); returns the request id."""
+        return self._send(Register(role="server", addr=self.advertise,
+                                   shard=-1 if self.shard is None else self.shard,
+                                   info={"host": pysocket.gethostname(), "jobs": sorted(self.jobs())}))
+
+    def claim(self, timeout_s: float = CLAIM_TIMEOUT_S, *, clock: Callable[[], float] = time.monotonic) -> int:
+        """Register without an id and wait up to `timeout_s` for the one the scheduler gives.
+
+        Returns the id (also kept as `shard`); RuntimeError, naming the
+        scheduler, if none comes in time or the scheduler refuses.
+        """
+        rid = self.register()
+        deadline = clock() + timeout_s
+        while (left := deadline - clock()) > 0:
+            if not self.sock.poll(max(1, min(CLAIM_POLL_MS, int(left * 1000)))):
+                continue
+            try:
+                reply = decode(recv_message(self.sock))
+            except ProtocolError:
+                continue
+            if reply.rid != rid:
+                continue
+            if isinstance(reply, Error):
+                raise RuntimeError(f"the scheduler at {self.addr} refused to assign a shard id: "
+                                   f"{reply.code}: {reply.message}")
+            shard = reply.body.get("shard") if isinstance(reply, Ok) else None
+            if type(shard) is int and shard >= 0:
+                self.shard = shard
+                self._adopt(reply.body)
+                log.info("shard id assigned", extra={"shard": shard})
+                return shard
+        raise RuntimeError(f"the scheduler at {self.addr} did not assign a shard id within {timeout_s:g}s")
+
+    # --- heartbeats ---
+
+    def tick(self, now: float) -> None:
+        """Send a heartbeat if one is due at `now`."""
+        if now < self.next_beat:
+            return
+        self._last_beat = now
+        self.next_beat = now + self.interval_s
+        self._send(Heartbeat(role="server", state={"shard": self.shard, "addr": self.advertise,
+                                                   "jobs": self.jobs()}))
+
+    def set_interval(self, seconds) -> bool:
+        """Beat every `seconds` (held to the bounds) from the last beat on; False if it is not a number."""
+        if type(seconds) not in (int, float) or not math.isfinite(seconds) or seconds <= 0:
+            return False
+        self.interval_s = min(MAX_HEARTBEAT_INTERVAL_S, max(MIN_HEARTBEAT_INTERVAL_S, float(seconds)))
+        if self._last_beat is not None:
+            self.next_beat = self._last_beat + self.interval_s
+        return True
+
+    def _adopt(self, body: dict) -> None:
+        if "heartbeat_interval_s" in body and not self.set_interval(body["heartbeat_interval_s"]):
+            log.warning("ignored a heartbeat interval that is not a number",
+                        extra={"value": repr(body["heartbeat_interval_s"])[:40]})
+
+    # --- answers ---
+
+    def on_readable(self) -> None:
+        """Read the scheduler's answers waiting on the socket (a bounded batch)."""
+        if self.sock is not None:
+            drain(self.sock, self._on_answer)
+
+    def _on_answer(self, frames: list) -> None:
+        reply = decode_ok(frames)
+        if reply is None:
+            return
+        self._adopt(reply.body)
+        if reply.body.get("reregister"):
+            self.register()
