@@ -10,7 +10,7 @@ import logging
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobstate import FINAL_STATES
 from ps.sched.events import Stop
-from ps.sched.jobs import CANCELLED, QUEUED, JobRecord
+from ps.sched.jobs import CANCELLED, QUEUED, RUNNING, JobRecord
 
 log = logging.getLogger("pscluster.scheduler")
 
@@ -92,7 +92,7 @@ class Views:
             run.epoch += 1  # an empty membership: the shards refuse further pushes at once
             # The run stays until its workers have left, so they are told to stop.
         self._persist(out, record, state=CANCELLED, finished=self._wall(req.now))
-        log.info("job cancelled", extra={"job": record.id, "was": QUEUED if run is None else "running"})
+        log.info("job cancelled", extra={"job": record.id, "was": QUEUED if run is None else RUNNING})
         self._ok(out, req, {"job": record.id, "state": CANCELLED})
 
     def on_export(self, req, out: list) -> None:
