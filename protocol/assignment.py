@@ -36,13 +36,14 @@ class Assignment:
     nonlearned: list[str] = field(default_factory=list)
     epoch: int = 0                      # the membership epoch these partitions are held in
     max_model_bytes: int = 0            # the scheduler's limit on parameter bytes (0: none)
+    shard_keys: list[str] = field(default_factory=list)   # CURVE public key per shard ("": CURVE off)
 
     def to_wire(self) -> dict:
         return {"task": self.task, "job": self.job, "spec": self.spec, "shards": list(self.shards),
                 "partitions": list(self.partitions), "num_partitions": self.num_partitions,
                 "steps": list(self.steps), "init": self.init, "plan": self.plan,
                 "nonlearned": list(self.nonlearned), "epoch": self.epoch,
-                "max_model_bytes": self.max_model_bytes}
+                "max_model_bytes": self.max_model_bytes, "shard_keys": list(self.shard_keys)}
 
     @classmethod
     def from_wire(cls, body: object) -> Assignment:
@@ -72,10 +73,14 @@ class Assignment:
         nonlearned = _want(body, "nonlearned", list)
         if not all(isinstance(n, str) for n in nonlearned):
             raise ValueError("assignment nonlearned must list tensor names")
+        keys = body.get("shard_keys", [])
+        if not isinstance(keys, list) or (keys and (len(keys) != len(shards) or
+                                                    not all(isinstance(k, str) and len(k) in (0, 40) for k in keys))):
+            raise ValueError("assignment shard_keys must give one CURVE public key (or \"\") per shard")
         return cls(task=task, job=body["job"], spec=body["spec"], shards=list(shards), partitions=list(parts),
                    num_partitions=num, steps=list(steps), init=_want(body, "init", bool), plan=plan,
                    nonlearned=list(nonlearned), epoch=_want(body, "epoch", int),
-                   max_model_bytes=_want(body, "max_model_bytes", int))
+                   max_model_bytes=_want(body, "max_model_bytes", int), shard_keys=list(keys))
 
 
 def _is_int(value: object) -> bool:

@@ -65,3 +65,28 @@ NO_SCHEDULER = "no scheduler address: pass --scheduler tcp://HOST:PORT or set PS
 def ready_line(**facts) -> str:
     """The readiness line: `READY {json}` (one line, keys sorted)."""
     return READY_PREFIX + json.dumps(facts, sort_keys=True)
+
+
+_LOOPBACK_HOSTS = ("localhost", "::1", "[::1]")
+
+
+def is_loopback(addr: str) -> bool:
+    """True for an address only this machine can reach: tcp on 127.0.0.0/8, localhost or ::1, ipc, inproc."""
+    if addr.startswith(("ipc://", "inproc://")):
+        return True
+    m = re.match(r"^tcp://(.+):(\d+|\*)$", addr)
+    if not m:
+        return False
+    host = m.group(1)
+    return host in _LOOPBACK_HOSTS or re.fullmatch(r"127\.\d{1,3}\.\d{1,3}\.\d{1,3}", host) is not None
+
+
+def check_protected(addr: str, what: str, *, curve: bool, insecure: bool) -> str:
+    """Protected mode: without CURVE a daemon listens on loopback only, unless told --insecure.
+
+    Returns `addr`; ValueError (one sentence naming --curve-dir and --insecure) otherwise.
+    """
+    if curve or insecure or is_loopback(addr):
+        return addr
+    raise ValueError(f"{what} {addr} is reachable from other machines and nothing would check who connects: "
+                     "pass --curve-dir DIR (keys from psctl keys generate), or --insecure on a network you trust")

@@ -20,6 +20,7 @@ class ErrorCode(str, enum.Enum):
     BAD_CLOCK = "bad_clock"          # clock out of range, behind or ahead of the table
     NOT_MEMBER = "not_member"        # worker outside the job's current membership epoch
     REASSIGNED = "reassigned"        # the worker's partitions changed: it asks the scheduler which it holds
+    FORBIDDEN = "forbidden"          # the authenticated key's role may not do this (README.md, "Security")
     EXISTS = "exists"                # table already created with a different plan
     BAD_PLAN = "bad_plan"            # plan inconsistent with its own inputs
     BAD_SPEC = "bad_spec"            # a job file / job spec field is wrong

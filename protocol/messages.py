@@ -68,7 +68,8 @@ class Message:
 @dataclass(frozen=True, kw_only=True)
 class Create(Message):
     """Create a job's table on a shard. Payload: the initial value of every
-    slice this shard holds under `plan`, one frame each.
+    slice this shard holds under `plan`, one frame each; or none, and the
+    values come later in one `load`.
 
     plan: the wire form of `protocol.plan.Plan` (its inputs and digest).
     optimizer / policy: specs the shard validates (kind and knobs).
@@ -85,6 +86,18 @@ class Create(Message):
     policy: dict = field(default_factory=dict)
     nonlearned: list = field(default_factory=list, metadata={"items": str})
     checkpoint_every: int = 0
+    slices: tuple = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Load(Message):
+    """The initial values of a job's table that the scheduler created without
+    them. Payload: every slice this shard holds under the job's plan, one
+    frame each. Accepted once, from the worker that holds the job's
+    partitions while it initialises (protocol/assignment.py, `init`)."""
+
+    OP: ClassVar[str] = "load"
+    HAS_PAYLOAD: ClassVar[bool] = True
     slices: tuple = ()
 
 
@@ -146,13 +159,16 @@ class Membership(Message):
     protocol/assignment.py) or, in a job without partitions, a worker id.
     holders: partition key -> id of the worker that pushes for it now ("":
     nobody yet; the partition still counts in every barrier). Keys absent
-    here are their own holders. Epochs only grow; an older one is ignored.
+    here are their own holders. readers: workers that may read the job's
+    parameters without holding a partition (the one evaluating it).
+    Epochs only grow; an older one is ignored.
     """
 
     OP: ClassVar[str] = "membership"
     epoch: int = 0
     workers: dict = field(default_factory=dict, metadata={"values": int})
     holders: dict = field(default_factory=dict, metadata={"values": str})
+    readers: list = field(default_factory=list, metadata={"items": str})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,6 +291,14 @@ class List(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Evict(Message):
+    """An admin declares shard `shard` dead now: another server may take its id at once."""
+
+    OP: ClassVar[str] = "evict"
+    shard: int = -1
+
+
+@dataclass(frozen=True, kw_only=True)
 class Export(Message):
     """Ask where a job's parameters live: its plan and shard addresses."""
 
@@ -307,8 +331,8 @@ class Error(Message):
 KINDS: dict[str, type[Message]] = {
     cls.OP: cls
     for cls in (
-        Create, Pull, Push, PushPull, Membership, Stats, Checkpoint, Drop, Shutdown,
-        Register, Heartbeat, Assign, Report, Submit, Status, Cancel, List, Export,
+        Create, Load, Pull, Push, PushPull, Membership, Stats, Checkpoint, Drop, Shutdown,
+        Register, Heartbeat, Assign, Report, Submit, Status, Cancel, List, Export, Evict,
         Ok, Error,
     )
 }

@@ -15,6 +15,7 @@ import zmq
 
 from protocol.codec import decode, error_frames, sizes
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.keys import Identity, ServerKeys
 from protocol.metrics import MetricsRegistry
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps.transport import MAX_DRAIN_MSGS, recv_message, send_reply, split_envelope
@@ -30,6 +31,20 @@ _POLLIN = int(zmq.POLLIN)
 TICK_INTERVAL_S = 0.1
 
 
+def sender(frame) -> Identity | None:
+    """Who sent the message `frame` belongs to: its connection's CURVE key (ZAP user id)."""
+    try:
+        return Identity.parse(frame.get("User-Id"))
+    except (zmq.ZMQError, AttributeError):  # a frame without metadata: not authenticated
+        return None
+
+
+def forbidden(msg, who: Identity | None, why: str) -> ProtocolError:
+    """The refusal of `msg` from `who`: a FORBIDDEN error naming the key and the reason."""
+    key = who.user_id if who is not None else "an unknown key"
+    return ProtocolError(ErrorCode.FORBIDDEN, f"'{msg.OP}' from {key} refused: it {why}", rid=msg.rid)
+
+
 class RouterDaemon:
     """Mixin: the request side and the loop of a ROUTER daemon (it supplies `tick`, `close`, `now`)."""
 
@@ -39,6 +54,12 @@ class RouterDaemon:
     ops: dict[str, Callable]
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     log = logging.getLogger("pscluster")
+    # With CURVE (`keys`), every message carries who sent it: the role and
+    # name of the key that authenticated the connection. `ALLOWED` maps an
+    # op to the roles that may send it (an op not listed: any role).
+    keys: ServerKeys | None = None
+    ALLOWED: dict[str, frozenset] = {}
+    identity: Identity | None = None     # the sender of the message being handled (None: no CURVE)
 
     stopping: bool = False
 
@@ -104,6 +125,11 @@ class RouterDaemon:
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_OP, f"op '{msg.OP}' is not served by a {self.ROLE} "
                                     f"(it serves: {', '.join(sorted(self.ops))})", rid=msg.rid)
+            if self.keys is not None:
+                self.identity = sender(frames[0])
+                allowed = self.ALLOWED.get(msg.OP)
+                if self.identity is None or (allowed is not None and self.identity.role not in allowed):
+                    raise forbidden(msg, self.identity, f"is for {' or '.join(sorted(allowed or ()))} keys")
             handler(envelope, msg)
         except ProtocolError as exc:
             self._reject(envelope, exc)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import zmq
 
 from protocol.codec import encode
+from protocol.keys import ServerKeys
 from protocol.messages import KINDS
 from protocol.metrics import MetricsRegistry
 from ps.registry import JobStore
@@ -27,7 +28,7 @@ from ps.router import RouterDaemon
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
 from ps.sched.state import HEARTBEAT_TIMEOUT_S, MAX_FAILURES, SchedulerState
 from ps.shard_calls import ShardCalls
-from ps.transport import bind_router
+from ps.transport import bind_router, stop_authenticator
 
 log = logging.getLogger("pscluster.scheduler")
 
@@ -53,19 +54,21 @@ class Scheduler(RouterDaemon):
     def __init__(self, bind: str, state_dir: str, *, ctx: zmq.Context | None = None,
                  heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, max_model_bytes: int | None = None,
                  max_failures: int = MAX_FAILURES, metrics: MetricsRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, keys: ServerKeys | None = None):
         self.ctx = ctx or zmq.Context.instance()
         self.store = JobStore(state_dir)
         records = self.store.load()
-        self.sock, self.endpoint = bind_router(self.ctx, bind)
-        self.links = ShardCalls(self.ctx)
+        self.keys = keys
+        self.sock, self.endpoint = bind_router(self.ctx, bind, keys)
+        self.links = ShardCalls(self.ctx, keys)
         self.metrics = metrics or MetricsRegistry()
         self.now = clock
         self.stopping = False
         self.state = SchedulerState(
             records, incarnation=self.store.next_incarnation(), heartbeat_timeout_s=heartbeat_timeout_s,
             max_model_bytes=default_max_model_bytes() if max_model_bytes is None else max_model_bytes,
-            max_failures=max_failures, metrics=self.metrics, wall_offset=time.time() - clock())
+            max_failures=max_failures, metrics=self.metrics, wall_offset=time.time() - clock(),
+            public_key=keys.ring.public.get if keys is not None else None)
         # Every message kind goes to the machine, which answers the ones it does not serve.
         self.ops = dict.fromkeys(KINDS, self._dispatch)
 
@@ -81,6 +84,8 @@ class Scheduler(RouterDaemon):
 
     def close(self) -> None:
         self.sock.close(0)
+        if self.keys is not None:
+            stop_authenticator(self.ctx)
         self.links.close()
         self.store.close()
 
@@ -92,7 +97,7 @@ class Scheduler(RouterDaemon):
     # --- the machine's I/O ---
 
     def _dispatch(self, envelope: list, msg) -> None:
-        self._perform(self.state.handle(Request(envelope, msg, self.now())))
+        self._perform(self.state.handle(Request(envelope, msg, self.now(), self.identity)))
 
     def _answered(self, call: int, reply) -> None:
         self._perform(self.state.handle(ShardAnswer(call, reply, self.now())))
@@ -104,7 +109,7 @@ class Scheduler(RouterDaemon):
                 self._send(inst.peer, encode(inst.msg))
             elif isinstance(inst, CallShard):
                 self.links.request(inst.addr, inst.msg, lambda reply, call=inst.call: self._answered(call, reply),
-                                   self.now())
+                                   self.now(), key=inst.key)
             elif isinstance(inst, Persist):
                 if inst.new:
                     self.store.insert(inst.fields)

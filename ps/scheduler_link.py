@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from protocol.codec import decode, decode_ok, encode
 from protocol.errors import ProtocolError
+from protocol.keys import ClientKeys
 from protocol.messages import Error, Heartbeat, Message, Ok, Register
 from ps.transport import HEARTBEAT_SEND_HWM_MSGS, connect_dealer, drain, recv_message, send_nowait
 
@@ -62,6 +63,7 @@ class SchedulerLink:
     shard: int | None
     jobs: Callable[[], dict]
     interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    keys: ClientKeys | None = None              # CURVE: this shard's pair and the scheduler's public key
     sock: object = None
     next_beat: float = 0.0                      # when the next beat is due; the first tick beats at once
     _last_beat: float | None = field(default=None, repr=False)
@@ -72,7 +74,7 @@ class SchedulerLink:
     def connect(self):
         """The DEALER to the scheduler (made on first use)."""
         if self.sock is None:
-            self.sock = connect_dealer(self.ctx, self.addr, send_hwm=HEARTBEAT_SEND_HWM_MSGS)
+            self.sock = connect_dealer(self.ctx, self.addr, send_hwm=HEARTBEAT_SEND_HWM_MSGS, keys=self.keys)
         return self.sock
 
     def close(self) -> None:

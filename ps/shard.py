@@ -28,19 +28,21 @@ import zmq
 from protocol.codec import encode
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import MAX_WORKERS
-from protocol.messages import Message, Ok, PushPull
+from protocol.keys import ServerKeys
+from protocol.messages import Membership, Message, Ok, PushPull
 from protocol.metrics import MetricsRegistry
 from protocol.partitions import partition_key
 from protocol.plan import Plan
 from protocol.validate import check_job_id, check_payload, check_sids
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps import checkpoint
+from ps.access import SHARD_ALLOWED, check_member, check_read
 from ps.optim import make_optimizer
 from ps.policy import Accumulate, Answer, Apply, ApplyMean, Duplicate, Park, Policy, Refuse, Release, make_policy
 from ps.router import RouterDaemon
 from ps.scheduler_link import CLAIM_TIMEOUT_S, SchedulerLink
 from ps.table import JobTable
-from ps.transport import bind_router
+from ps.transport import bind_router, stop_authenticator
 
 log = logging.getLogger("pscluster.server")
 
@@ -52,6 +54,7 @@ class Shard(RouterDaemon):
     """One parameter-server shard. `serve()` blocks until shutdown or `stop()`."""
 
     ROLE = "server shard"
+    ALLOWED = SHARD_ALLOWED
     log = log
 
     def __init__(self, shard_id: int | None, bind: str, *, ctx: zmq.Context | None = None,
@@ -59,29 +62,31 @@ class Shard(RouterDaemon):
                  checkpoint_dir: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  registry: MetricsRegistry | None = None, clock: Callable[[], float] = time.monotonic,
-                 claim_timeout_s: float = CLAIM_TIMEOUT_S):
+                 claim_timeout_s: float = CLAIM_TIMEOUT_S, keys: ServerKeys | None = None):
         if shard_id is None and not scheduler:
             raise RuntimeError("a server without --shard-id needs --scheduler to assign it one")
         self.shard_id = shard_id
         self.ctx = ctx or zmq.Context.instance()
-        self.sock, self.endpoint = bind_router(self.ctx, bind)
+        self.keys = keys
+        self.sock, self.endpoint = bind_router(self.ctx, bind, keys)
         self.advertise = advertise or _advertised(self.endpoint)
         self.checkpoint_dir = checkpoint_dir
         self.max_message_bytes = max_message_bytes
         self.metrics = registry or MetricsRegistry()
         self.now = clock
         self.tables: dict[str, JobTable] = {}
-        self.pending_membership: dict[str, tuple[int, dict, dict]] = {}
+        self.pending_membership: dict[str, Membership] = {}   # for tables not created yet
         self.parked: dict[tuple, tuple] = {}      # token -> (envelope, msg, sids)
         self.last_reply: dict[tuple, tuple] = {}  # (job, worker) -> (rid, frames or None)
         self.stopping = False
         self.scheduler_addr = scheduler
         self.claim_timeout_s = claim_timeout_s
         self.link = SchedulerLink(self.ctx, scheduler, advertise=self.advertise, shard=shard_id,
-                                  jobs=self._job_summaries) if scheduler else None
+                                  jobs=self._job_summaries,
+                                  keys=keys.client(keys.ring.scheduler_key()) if keys else None) if scheduler else None
         self._started = False
         self.ops = {
-            "create": self.on_create, "pull": self.on_pull, "push": self.on_push,
+            "create": self.on_create, "load": self.on_load, "pull": self.on_pull, "push": self.on_push,
             "push_pull": self.on_push_pull, "membership": self.on_membership, "stats": self.on_stats,
             "checkpoint": self.on_checkpoint, "drop": self.on_drop, "shutdown": self.on_shutdown,
         }
@@ -127,6 +132,8 @@ class Shard(RouterDaemon):
 
     def close(self) -> None:
         self.sock.close(0)
+        if self.keys is not None:
+            stop_authenticator(self.ctx)
         if self.link is not None:
             self.link.close()
 
@@ -138,11 +145,15 @@ class Shard(RouterDaemon):
 
     # --- dispatch (decode, op table, errors: ps/router.py) ---
 
-    def _table(self, msg: Message) -> JobTable:
+    def _table(self, msg: Message, *, loaded: bool = True) -> JobTable:
+        """The job's table; with `loaded`, one that has its values (not only created)."""
         table = self.tables.get(msg.job)
         if table is None:
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no table for job {msg.job!r:.60} on shard {self.shard_id}",
                                 rid=msg.rid)
+        if loaded and not table.loaded:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"job {msg.job!r:.60} has no values on shard {self.shard_id} "
+                                "yet (its initialising worker loads them)", rid=msg.rid)
         return table
 
     # --- table creation and removal ---
@@ -172,17 +183,29 @@ class Shard(RouterDaemon):
         if msg.checkpoint_every < 0:
             raise ProtocolError(ErrorCode.BAD_FIELD, "checkpoint_every must be >= 0", rid=msg.rid)
         held = {s.sid: s for s in plan.slices_on(self.shard_id)}
-        check_payload(msg.slices, held, rid=msg.rid, job=msg.job, complete=True)
+        if msg.slices or not held:  # the values now, or (none: the scheduler creates) in a `load`
+            check_payload(msg.slices, held, rid=msg.rid, job=msg.job, complete=True)
+        initial = {sl.sid: sl.data for sl in msg.slices} if msg.slices or not held else None
         table = JobTable(msg.job, plan, self.shard_id, optimizer, policy, nonlearned=msg.nonlearned,
-                         initial={sl.sid: sl.data for sl in msg.slices}, checkpoint_every=msg.checkpoint_every)
+                         initial=initial, checkpoint_every=msg.checkpoint_every)
         self.tables[msg.job] = table
         pending = self.pending_membership.pop(msg.job, None)
         if pending is not None:
-            self._run(table, policy.on_membership(*pending), {})
+            self._apply_membership(table, pending)
         log.info("table created", extra={"job": msg.job, "slices": len(held), "bytes": table.bytes,
                                          "policy": policy.name, "optimizer": optimizer.spec["kind"]})
         self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"existed": False, "version": table.version,
                                                                       "slices": len(held)})))
+
+    def on_load(self, envelope: list, msg) -> None:
+        """The initial values of a table the scheduler created; once (a repeat is answered, not applied)."""
+        table = self._table(msg, loaded=False)
+        check_member(self.identity, msg, table)
+        if not table.loaded:
+            check_payload(msg.slices, table.held, rid=msg.rid, job=msg.job, complete=True)
+            table.load(msg.slices)
+            log.info("table loaded", extra={"job": msg.job, "worker": msg.worker, "bytes": table.bytes})
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"version": table.version})))
 
     def on_drop(self, envelope: list, msg) -> None:
         table = self.tables.pop(msg.job, None)
@@ -202,6 +225,10 @@ class Shard(RouterDaemon):
     def on_pull(self, envelope: list, msg) -> None:
         table = self._table(msg)
         check_sids(msg.sids, table.held, rid=msg.rid, job=msg.job)
+        if msg.clock < 0:
+            check_read(self.identity, msg, table)
+        else:
+            check_member(self.identity, msg, table)
         self.metrics.inc("pulls_total")
         table.pulls += 1
         if msg.clock < 0:
@@ -221,6 +248,7 @@ class Shard(RouterDaemon):
 
     def _push(self, envelope: list, msg) -> None:
         table = self._table(msg)
+        check_member(self.identity, msg, table)
         key = (msg.job, msg.worker)
         pull_token = (msg.job, "pull", msg.worker, msg.rid)
         last = self.last_reply.get(key) if msg.worker else None
@@ -336,15 +364,20 @@ class Shard(RouterDaemon):
         if table is None:
             check_job_id(msg.job, rid=msg.rid)
             held = self.pending_membership.get(msg.job)
-            if held is None or held[0] < msg.epoch:
-                self.pending_membership[msg.job] = (msg.epoch, dict(msg.workers), dict(msg.holders))
+            if held is None or held.epoch < msg.epoch:
+                self.pending_membership[msg.job] = msg
             self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"epoch": msg.epoch, "pending": True})))
             return
-        self._run(table, table.policy.on_membership(msg.epoch, dict(msg.workers), dict(msg.holders)), {})
+        self._apply_membership(table, msg)
         log.info("membership", extra={"job": msg.job, "epoch": table.policy.epoch, "workers": len(msg.workers)})
         self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"epoch": table.policy.epoch,
                                                                       "version": table.version})))
         self._maybe_checkpoint(table)
+
+    def _apply_membership(self, table: JobTable, msg: Membership) -> None:
+        if msg.epoch > table.policy.epoch:
+            table.readers = frozenset(msg.readers)
+        self._run(table, table.policy.on_membership(msg.epoch, dict(msg.workers), dict(msg.holders)), {})
 
     def on_stats(self, envelope: list, msg) -> None:
         jobs = {job: t.summary() for job, t in self.tables.items() if not msg.job or job == msg.job}

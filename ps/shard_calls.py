@@ -17,6 +17,7 @@ import zmq
 
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
+from protocol.keys import ServerKeys
 from protocol.messages import Error, Message, Ok
 from ps.transport import connect_dealer, drain, send_nowait
 
@@ -41,8 +42,10 @@ class _Pending:
 class ShardCalls:
     """One DEALER per shard address, requests in flight, replies to callbacks."""
 
-    def __init__(self, ctx: zmq.Context):
+    def __init__(self, ctx: zmq.Context, keys: ServerKeys | None = None):
         self.ctx = ctx
+        self.keys = keys                      # CURVE: the scheduler's own pair (the ring is not needed here)
+        self.server_keys: dict[str, str] = {}  # shard address -> its public key
         self.socks: dict[str, zmq.Socket] = {}
         self.pending: dict[int, _Pending] = {}
         self._rids = itertools.count(1)
@@ -50,11 +53,19 @@ class ShardCalls:
     def _sock(self, addr: str) -> zmq.Socket:
         sock = self.socks.get(addr)
         if sock is None:
-            sock = self.socks[addr] = connect_dealer(self.ctx, addr)
+            server = self.server_keys.get(addr, "")
+            keys = self.keys.client(server) if self.keys is not None and server else None
+            sock = self.socks[addr] = connect_dealer(self.ctx, addr, keys=keys)
         return sock
 
-    def request(self, addr: str, msg: Message, on_reply: Callable, now: float) -> None:
-        """Send `msg` (its rid is replaced) to the shard at `addr`; `on_reply(reply or None)` later."""
+    def request(self, addr: str, msg: Message, on_reply: Callable, now: float, *, key: str = "") -> None:
+        """Send `msg` (its rid is replaced) to the shard at `addr` (CURVE public key `key`);
+        `on_reply(reply or None)` later."""
+        if key and self.server_keys.get(addr) != key:  # a shard at this address with another key
+            self.server_keys[addr] = key
+            old = self.socks.pop(addr, None)
+            if old is not None:
+                old.close(0)
         rid = next(self._rids)
         frames = encode(type(msg)(**{**msg.__dict__, "rid": rid}))
         self.pending[rid] = _Pending(addr, frames, msg.OP, on_reply, now + SHARD_REQUEST_TIMEOUT_S)

@@ -24,7 +24,7 @@ class JobTable:
     """Parameter slices of one job held by one shard."""
 
     def __init__(self, job: str, plan: Plan, shard_id: int, optimizer, policy, *,
-                 nonlearned: Iterable[str] = (), initial: Mapping[int, np.ndarray],
+                 nonlearned: Iterable[str] = (), initial: Mapping[int, np.ndarray] | None,
                  checkpoint_every: int = 0):
         self.job = job
         self.plan = plan
@@ -37,9 +37,14 @@ class JobTable:
         nonlearned_set = set(self.nonlearned_names)
         self.learned = {sid for sid, s in self.held.items() if s.name not in nonlearned_set}
         # Own copies: the initial values arrived as views of a network frame.
+        # Without them (a table the scheduler created), zeros until `load`.
         self.values: dict[int, np.ndarray] = {
-            sid: np.array(initial[sid], dtype=self.held[sid].dtype, copy=True).reshape(-1) for sid in self.held
+            sid: (np.zeros(spec.count, dtype=spec.dtype) if initial is None
+                  else np.array(initial[sid], dtype=spec.dtype, copy=True).reshape(-1))
+            for sid, spec in self.held.items()
         }
+        self.loaded = initial is not None   # pushes and pulls wait for the values
+        self.readers: frozenset = frozenset()  # workers that may read without holding a partition
         self.opt_state: dict[int, dict] = {sid: optimizer.init_state(self.values[sid]) for sid in self.learned}
         self._inflight: dict[int, list] = {}
         self._sums: dict[int, dict[int, np.ndarray]] = {}
@@ -50,6 +55,12 @@ class JobTable:
         self.copies_on_write = 0
         self.last_checkpoint_version = policy.version
         self.staleness: dict[int, int] = {}   # staleness -> pushes applied at it
+
+    def load(self, slices: Iterable[SliceData]) -> None:
+        """The initial values of a table created without them (checked complete by the caller)."""
+        for sl in slices:
+            np.copyto(self.values[sl.sid], sl.data.reshape(-1))
+        self.loaded = True
 
     @property
     def version(self) -> int:

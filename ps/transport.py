@@ -17,11 +17,16 @@ doubled the push time (measured with `psctl bench pushpull`).
 from __future__ import annotations
 
 import errno
+import os
 from collections.abc import Callable, Sequence
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from protocol.buffers import keep_freed_buffers
+from protocol.keys import ClientKeys, KeyRing, ServerKeys
 
 # Messages (not bytes) queued per peer, each way, before ZeroMQ pushes back:
 # a send that would pass it raises zmq.Again (our sends never block) and the
@@ -46,11 +51,57 @@ class BindError(RuntimeError):
     """The daemon could not bind its address; the message is one sentence."""
 
 
-def bind_router(ctx: zmq.Context, addr: str) -> tuple[zmq.Socket, str]:
+class KeyRingAuthenticator(ThreadAuthenticator):
+    """ZAP for one context: a CURVE client is let in when its public key is in the ring.
+
+    The ZAP user id of a connection is "ROLE:NAME" of its key, so every
+    frame a daemon receives says who sent it (`Frame.get("User-Id")`).
+    """
+
+    def __init__(self, ctx: zmq.Context, ring: KeyRing):
+        super().__init__(ctx)
+        self.ring = ring
+        self.configure_curve_callback("*", self)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key.decode("ascii", "replace") in self.ring.by_key
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.ring.by_key[z85.encode(client_public_key).decode("ascii")].user_id
+
+
+_AUTHENTICATORS: dict[int, KeyRingAuthenticator] = {}
+
+
+def start_authenticator(ctx: zmq.Context, ring: KeyRing) -> None:
+    """Start ZAP on `ctx` (once per context), before any CURVE server socket binds."""
+    if id(ctx) not in _AUTHENTICATORS:
+        auth = KeyRingAuthenticator(ctx, ring)
+        auth.start()
+        _AUTHENTICATORS[id(ctx)] = auth
+
+
+def stop_authenticator(ctx: zmq.Context) -> None:
+    auth = _AUTHENTICATORS.pop(id(ctx), None)
+    if auth is not None:
+        auth.stop()
+
+
+def curve_client(sock: zmq.Socket, keys: ClientKeys | None) -> None:
+    """Make `sock` (not yet connected) speak CURVE to the daemon whose public key `keys.server` is."""
+    if keys is not None:
+        sock.curve_secretkey = keys.secret.encode("ascii")
+        sock.curve_publickey = keys.public.encode("ascii")
+        sock.curve_serverkey = keys.server.encode("ascii")
+
+
+def bind_router(ctx: zmq.Context, addr: str, keys: ServerKeys | None = None) -> tuple[zmq.Socket, str]:
     """A ROUTER bound to `addr` and the endpoint it really bound.
 
-    A port of 0 or '*' picks a free port. Raises BindError naming the
-    address when the port is taken or the address is not ours.
+    With `keys`, the socket is a CURVE server: only keys of the ring get in
+    (start_authenticator runs first), and all traffic is encrypted. A port
+    of 0 or '*' picks a free port. Raises BindError naming the address when
+    the port is taken or the address is not ours.
     """
     keep_freed_buffers()  # before the socket starts the context's I/O thread
     sock = ctx.socket(zmq.ROUTER)
@@ -58,6 +109,11 @@ def bind_router(ctx: zmq.Context, addr: str) -> tuple[zmq.Socket, str]:
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.SNDHWM, SEND_HWM_MSGS)
     sock.setsockopt(zmq.RCVHWM, RECV_HWM_MSGS)
+    if keys is not None:
+        start_authenticator(ctx, keys.ring)
+        sock.curve_server = True
+        sock.curve_secretkey = keys.secret.encode("ascii")
+        sock.curve_publickey = keys.public.encode("ascii")
     bind_to = addr
     if addr.startswith("tcp://") and addr.rsplit(":", 1)[-1] == "0":
         bind_to = addr.rsplit(":", 1)[0] + ":*"
@@ -76,8 +132,8 @@ def bind_router(ctx: zmq.Context, addr: str) -> tuple[zmq.Socket, str]:
 
 
 def connect_dealer(ctx: zmq.Context, addr: str, *, send_hwm: int = SEND_HWM_MSGS,
-                   recv_hwm: int = RECV_HWM_MSGS) -> zmq.Socket:
-    """A DEALER connected to `addr`: linger 0, high-water marks in messages.
+                   recv_hwm: int = RECV_HWM_MSGS, keys: ClientKeys | None = None) -> zmq.Socket:
+    """A DEALER connected to `addr`: linger 0, high-water marks in messages, CURVE with `keys`.
 
     Raises zmq.ZMQError (the socket closed) when ZeroMQ cannot use the address.
     """
@@ -86,6 +142,7 @@ def connect_dealer(ctx: zmq.Context, addr: str, *, send_hwm: int = SEND_HWM_MSGS
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, send_hwm)
     sock.setsockopt(zmq.RCVHWM, recv_hwm)
+    curve_client(sock, keys)
     try:
         sock.connect(addr)
     except zmq.ZMQError:
@@ -177,3 +234,13 @@ def send_reply(sock: zmq.Socket, envelope: Sequence, frames: Sequence, *, track:
         else:
             trackers.append(sock.send(frame, flags, copy=False, track=track))
     return trackers
+
+
+def create_key_pair(folder, name: str) -> tuple[str, str]:
+    """Write NAME.key and NAME.key_secret (ZeroMQ's certificate format) in `folder`; their paths.
+
+    The secret file is readable by its owner only.
+    """
+    public, secret = zmq.auth.create_certificates(folder, name)
+    os.chmod(secret, 0o600)
+    return str(public), str(secret)

@@ -110,7 +110,8 @@ class Driver:
         """Time passes; the shards and the `alive` workers heartbeat; the machine ticks."""
         self.now += dt
         for k in self.shard_ids:
-            self.send(f"server{k}", Heartbeat(role="server", state={"shard": k}))
+            peer = self.m.servers.get(k)
+            self.send(f"server{k}", Heartbeat(role="server", state={"shard": k, "addr": peer.addr if peer else ""}))
         for w in alive:
             self.send(f"{w}/hb", Heartbeat(role="worker", worker=w))
         return self.handle(Tick(self.now))
@@ -124,7 +125,12 @@ class Driver:
         return self.send(peer or f"{w}/assign", Assign(worker=w, job=job, wait_s=wait_s, rid=rid))
 
     def report(self, w: str, job: str, event: str, **state):
-        return self.ask(f"{w}/report", Report(worker=w, job=job, event=event, state=state))
+        """The reply `w` gets to its report; a plan is answered once the shards created the tables,
+        so for a plan the shards answer first (every pending call)."""
+        out = self.send(f"{w}/report", Report(worker=w, job=job, event=event, state=state))
+        if event == "plan" and not replies(out, f"{w}/report"):
+            out = self.ack()
+        return reply_to(out, f"{w}/report")
 
     def heartbeat(self, w: str, job: str, **state):
         return self.ask(f"{w}/hb", Heartbeat(role="worker", worker=w, job=job, state=state))

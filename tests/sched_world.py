@@ -107,6 +107,7 @@ class World:
         self.rank: dict[str, int] = {}
         self.internal_errors: list[str] = []
         self.stopped = False
+        self.replies: dict = {}                        # peer -> the newest reply it got
         for k, addr in enumerate(SHARD_ADDRS):
             self.send(("server", k), Register(role="server", addr=addr, shard=k))
 
@@ -144,10 +145,13 @@ class World:
                 if msg.body.get("stop"):
                     w.view = {**w.view, "stop": True}
         self.last_reply = msg
+        self.replies[peer] = msg
 
     def deliver(self, count: int, lose: bool = False) -> None:
         """Deliver (or lose) the oldest pending shard calls."""
         for _ in range(min(count, len(self.calls))):
+            if not self.calls:
+                break  # a nested delivery (a plan answered inside an answer) took them
             call = self.calls.pop(0)  # answers may queue new calls behind it
             if lose:
                 self.handle(ShardAnswer(call.call, None, self.now))
@@ -219,14 +223,13 @@ class World:
         state = {**state, "parts": self._parts(w, parts)}
         msg = Report(worker=w.id, job=w.task.job, event=event, state=state)
         w.last_report = msg
-        self.last_reply = None
-        self.send(("rep", w.id), msg)
-        reply = self.last_reply
-        if isinstance(reply, Ok):
-            if reply.body.get("stop") and event not in ("done",):
-                pass
-            return reply.body
-        return None
+        peer = ("rep", w.id)
+        self.replies.pop(peer, None)
+        self.send(peer, msg)
+        if event == "plan" and peer not in self.replies:
+            self.deliver(len(self.calls))  # the plan is answered once the shards created the tables
+        reply = self.replies.get(peer)
+        return reply.body if isinstance(reply, Ok) else None
 
     def _parts(self, w: SimWorker, only=None) -> dict:
         if w.task is None:
@@ -326,8 +329,8 @@ class World:
         self.now += dt
         for w in self.workers.values():
             self.heartbeat(w)
-        for k in range(len(SHARD_ADDRS)):
-            self.send(("server", k), Heartbeat(role="server", state={"shard": k}))
+        for k, addr in enumerate(SHARD_ADDRS):
+            self.send(("server", k), Heartbeat(role="server", state={"shard": k, "addr": addr}))
         self.handle(Tick(self.now))
 
     # --- what must always hold ---

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from protocol.assignment import EVAL, TRAIN, Assignment
-from protocol.messages import Cancel, Error, Heartbeat, List, Ok, Register, Report, Status
+from protocol.messages import Cancel, Error, Evict, Heartbeat, List, Ok, Register, Report, Status
 from ps.registry import JobStore
 from ps.sched.events import Persist, Reply
 from ps.sched.state import EPOCH_STRIDE
@@ -50,7 +50,9 @@ def test_progress_done_final_evaluation_and_the_results_figures():
 
     d.now = 8.0
     out = d.assign("w1")                                       # free again: the final evaluation
-    a = sd.assignment(out, "w1")
+    assert not sd.replies(out, "w1/assign")                    # told once the shards let it read
+    assert [m.msg.readers for m in sd.memberships(out)] == [["w1"], ["w1"]]
+    a = sd.assignment(d.ack(), "w1")
     assert a.task == EVAL and a.partitions == [] and not a.init and a.steps == [5, 5]
     assert d.m.runs[job].eval_worker == "w1"
     d.now = 9.0
@@ -130,7 +132,8 @@ def target_job(d: sd.Driver) -> str:
     assert run.stopping and run.stopped_by == "target" and run.target_seen == 0.95
     d.ack()
     d.report("w1", job, "stopped")
-    a = sd.assignment(d.assign("w1"), "w1")                           # it left: it evaluates
+    d.assign("w1")
+    a = sd.assignment(d.ack(), "w1")                                  # it left: it evaluates
     assert a.task == EVAL and run.eval_worker == "w1"
     return job
 
@@ -225,12 +228,15 @@ def test_forged_server_heartbeats_are_answered_and_do_not_break_status():
     job = sd.start(d, sd.spec())
     assert d.ask("s", Heartbeat(role="server", state={"shard": "0"})).body == {"reregister": True}
     assert d.ask("s", Heartbeat(role="server", state={"shard": True})).body == {"reregister": True}
-    assert d.ask("s", Heartbeat(role="server", state={"shard": 0, "jobs": [job]})).body == {}
+    assert d.ask("s", Heartbeat(role="server", state={"shard": 0, "addr": sd.SHARDS[0], "jobs": [job]})).body == {}
     assert d.status(job)["shard_stats"] == []
     forged = {job: {"version": "v", "epoch": 3, "clocks": {"p0": "x", "p1": 4, "p2": -1}, "policy": 7,
                     "staleness_hist": {"1": 2, "x": 3, "2": "y"}},
               "other": [1, 2], 5: {"version": 1}}
-    assert d.ask("s", Heartbeat(role="server", state={"shard": 1, "jobs": forged})).body == {}
+    assert d.ask("s", Heartbeat(role="server", state={"shard": 1, "addr": sd.SHARDS[1], "jobs": forged})).body == {}
+    # The beats of another server under a registered id keep nothing alive: it is told to register.
+    assert d.ask("s", Heartbeat(role="server", state={"shard": 1, "addr": "tcp://127.0.0.9:1"})).body == \
+        {"reregister": True}
     [stats] = d.status(job)["shard_stats"]
     assert stats["shard"] == 1 and stats["addr"] == sd.SHARDS[1]
     assert stats["version"] is None and stats["epoch"] == 3 and stats["policy"] == "7"
@@ -280,12 +286,17 @@ def test_a_shard_registering_again_elsewhere_takes_its_jobs_along():
     d = sd.Driver()
     job = sd.start(d, sd.spec())
     run = d.m.runs[job]
-    out = d.send("server1", Register(role="server", addr="tcp://10.0.0.9:7100", shard=1))
-    assert [p.fields for p in sd.persists(out, job)] == [{"shards": [sd.SHARDS[0], "tcp://10.0.0.9:7100"]}]
+    # While shard 1 is alive, another server cannot take its id ...
+    refused = d.ask("server1", Register(role="server", addr="tcp://127.0.0.9:7100", shard=1))
+    sd.assert_error(refused, "bad_state", "shard 1 is registered at", "evict-shard")
+    # ... until an admin evicts it (or it is declared dead).
+    assert d.ask("admin", Evict(shard=1)).body == {"shard": 1, "addr": sd.SHARDS[1]}
+    out = d.send("server1", Register(role="server", addr="tcp://127.0.0.9:7100", shard=1))
+    assert [p.fields for p in sd.persists(out, job)] == [{"shards": [sd.SHARDS[0], "tcp://127.0.0.9:7100"]}]
     [again] = sd.memberships(out)                                   # only the moved shard hears it again
-    assert again.addr == "tcp://10.0.0.9:7100" and again.msg.epoch == run.epoch
+    assert again.addr == "tcp://127.0.0.9:7100" and again.msg.epoch == run.epoch
     assert again.msg.holders == {"p0": "w1", "p1": "w1"}
-    assert d.heartbeat("w1", job).body["shards"] == [sd.SHARDS[0], "tcp://10.0.0.9:7100"]
+    assert d.heartbeat("w1", job).body["shards"] == [sd.SHARDS[0], "tcp://127.0.0.9:7100"]
 
 
 # --- what these tests found in the first version of the machine (fixed since) ------------------------------

@@ -17,9 +17,9 @@ import math
 import pytest
 
 from protocol.assignment import TRAIN
-from protocol.messages import Error, List, Ok, Register, Report, Status, Submit
+from protocol.messages import Create, Error, List, Ok, Register, Report, Status, Submit
 from protocol.plan import make_plan
-from ps.sched.events import Persist, Reply, ShardAnswer, Tick
+from ps.sched.events import CallShard, Persist, Reply, ShardAnswer, Tick
 from ps.sched.state import EPOCH_STRIDE, SERVER_HEARTBEAT_INTERVAL_S, SchedulerState
 from tests.sched_driver import (
     SHARDS,
@@ -221,11 +221,19 @@ def test_init_plan_steps_of_an_epochs_job_and_joiners_take_released_partitions()
     out = d.send("w1/report", Report(worker="w1", job=job, event="plan",
                                      state={"tensors": TENSORS, "nonlearned": [], "train_size": TRAIN_SIZE}))
     plan = make_plan({"w": ((4, 2), "float32"), "b": ((2,), "float32")}, 2, run.spec["partition_bytes"])
+    # The scheduler creates the tables (without values: the worker loads them), and answers the
+    # plan once every shard has one.
+    creates = [i for i in out if isinstance(i, CallShard) and isinstance(i.msg, Create)]
+    assert [c.addr for c in creates] == list(SHARDS) and all(c.msg.plan == plan.to_wire() for c in creates)
+    assert all(c.msg.slices == () for c in creates) and not replies(out, "w1/report")
+    [saved] = persists(out, job)
+    d.ack(1)
+    assert not replies(d.log, "w1/report")
+    out = d.ack()
     body = reply_to(out, "w1/report").body
     assert body["plan"] == plan.to_wire() and body["shards"] == list(SHARDS)
     # epochs 2 x ceil(size / 4) over partitions of 9, 8 and 8 examples
     assert body["steps"] == [2 * math.ceil(9 / 4), 2 * math.ceil(8 / 4), 2 * math.ceil(8 / 4)] == [6, 4, 4]
-    [saved] = persists(out, job)
     assert saved.fields == {"plan": plan.to_wire(), "nonlearned": [], "tensors": TENSORS}
 
     # Tables created: the initialising worker is asked to give back what the joiners take.

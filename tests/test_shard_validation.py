@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from protocol.codec import decode, encode
-from protocol.messages import Create, Error, Ok, Pull, Push, PushPull, SliceData, Stats
+from protocol.messages import Create, Error, Load, Ok, Pull, Push, PushPull, SliceData, Stats
 from protocol.plan import make_plan
 from protocol.version import PROTOCOL_VERSION
 from worker.client import ParamClient, ShardError
@@ -89,9 +89,11 @@ def bad_frames(plan):
             encode(Create(rid=45, job="other", plan=plan.to_wire(), optimizer={"kind": "adamx", "lr": 1.0})),
             "bad_spec"),
         "create with a bad job id": (encode(Create(rid=46, job="../etc", plan=plan.to_wire())), "bad_field"),
-        "create missing initial values": (
-            encode(Create(rid=47, job="other", plan=plan.to_wire(), optimizer={"kind": "sgd", "lr": 1.0})),
+        "create missing some initial values": (  # none at all is fine: a `load` brings them
+            encode(Create(rid=47, job="other", plan=plan.to_wire(), optimizer={"kind": "sgd", "lr": 1.0},
+                          slices=(SliceData(s0.sid, np.ones(n, np.float32)),))),
             "truncated"),
+        "load of a job that does not exist": (encode(Load(rid=48, job="nope", worker="w")), "unknown_job"),
     }
     return cases
 

@@ -265,7 +265,7 @@ def test_schedule_length_leaves_other_schedules_alone():
 
 
 def sample_assignment(**changes) -> Assignment:
-    fields = dict(task=TRAIN, job="job-1", spec={"workers": 3}, shards=["tcp://10.0.0.1:5000", "tcp://10.0.0.2:5000"],
+    fields = dict(task=TRAIN, job="job-1", spec={"workers": 3}, shards=["tcp://127.0.0.1:5000", "tcp://127.0.0.2:5000"],
                   partitions=[0, 2], num_partitions=3, steps=[5, 5, 4], init=True, plan={"num_shards": 2},
                   nonlearned=["bn0.running_mean"], epoch=7, max_model_bytes=1 << 20)
     fields.update(changes)

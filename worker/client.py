@@ -27,13 +27,15 @@ import socket as pysocket
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
 from protocol.codec import decode, encode, raise_if_error
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Create, Message, Ok, Pull, Push, PushPull, SliceData, Stats
+from protocol.keys import ClientKeys, Identity, KeyRing
+from protocol.messages import Create, Load, Message, Ok, Pull, Push, PushPull, SliceData, Stats
 from protocol.partitions import partition_index
 from protocol.plan import Plan
 from worker.transport import connect_dealer, recv_message, send_message
@@ -64,9 +66,38 @@ class ShardError(RuntimeError):
         self.reason = exc.message
 
 
-def default_worker_id() -> str:
-    """host-pid-random: unique per process, readable in logs."""
-    return f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+def default_worker_id(prefix: str | None = None) -> str:
+    """[prefix-]host-pid-random: unique per process, readable in logs (prefix: a CURVE key's name)."""
+    base = f"{pysocket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return f"{prefix}-{base}" if prefix else base
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A CURVE client's keys: its own identity and pair, and the scheduler's public key.
+
+    Workers and `psctl` commands load them from a curve dir (protocol/keys.py);
+    a shard's public key comes with each assignment or export.
+    """
+
+    identity: Identity
+    public: str
+    secret: str
+    scheduler: str
+
+    @classmethod
+    def load(cls, curve_dir: str, role: str, name: str | None = None) -> CurveKeys:
+        """From DIR/ROLE/NAME.key_secret and the scheduler's public key; KeyFileError names what is missing."""
+        ring = KeyRing(curve_dir)
+        identity, public, secret = ring.own(role, name)
+        return cls(identity, public, secret, ring.scheduler_key())
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return self.public, self.secret
+
+    def to(self, server: str) -> ClientKeys:
+        return ClientKeys(self.public, self.secret, server)
 
 
 class ParamClient:
@@ -81,7 +112,8 @@ class ParamClient:
     def __init__(self, shards: Sequence[str], plan: Plan, *, job: str, worker: str | None = None,
                  ctx: zmq.Context | None = None, timeout_s: float = REQUEST_TIMEOUT_S,
                  retries: int = REQUEST_RETRIES, max_wait_s: float = MAX_POLICY_WAIT_S,
-                 resolve: Callable[[], Sequence[str] | None] | None = None):
+                 resolve: Callable[[], Sequence[str] | None] | None = None,
+                 curve: tuple[str, str] | None = None, shard_keys: Sequence[str] = ()):
         if len(shards) != plan.num_shards:
             raise ValueError(f"the plan has {plan.num_shards} shards but {len(shards)} addresses were given")
         self.addrs = list(shards)
@@ -93,6 +125,9 @@ class ParamClient:
         self.retries = retries
         self.max_wait_s = max_wait_s
         self.resolve = resolve
+        # CURVE: this process's (public, secret) pair and each shard's public key.
+        self.curve = curve
+        self.shard_keys = list(shard_keys) or [""] * len(self.addrs)
         self.versions: list[int] = [-1] * len(self.addrs)  # last version seen per shard
         self.clocks: list[int] = [-1] * len(self.addrs)    # our clock on each shard, as it reported
         # Per shard, the clock of each partition we hold there ("p3" -> steps done), as it reported.
@@ -115,7 +150,8 @@ class ParamClient:
     def _sock(self, k: int) -> zmq.Socket:
         sock = self._socks[k]
         if sock is None:
-            sock = self._socks[k] = connect_dealer(self.ctx, self.addrs[k])
+            keys = ClientKeys(*self.curve, self.shard_keys[k]) if self.curve and self.shard_keys[k] else None
+            sock = self._socks[k] = connect_dealer(self.ctx, self.addrs[k], keys=keys)
         return sock
 
     def _reset(self, k: int) -> None:
@@ -304,6 +340,15 @@ class ParamClient:
         }
         replies = self._exchange(requests)
         return all(r.body.get("existed") for r in replies.values())
+
+    def load(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Send the initial values of a job whose tables the scheduler created; once every shard has them."""
+        missing = sorted(set(self._tensors) - set(arrays))
+        if missing:
+            raise ValueError(f"initial value of {missing[0]!r} is missing")
+        per_shard = self._grad_slices(arrays)
+        self._exchange({k: Load(**self._common(k, -1), slices=tuple(per_shard.get(k, ())))
+                        for k in range(len(self.addrs))})
 
     def pull(self, names: Sequence[str] | None = None, *, clock: int | None = -1,
              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:

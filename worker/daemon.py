@@ -17,7 +17,7 @@ from protocol.assignment import Assignment
 from protocol.errors import ErrorCode
 from protocol.messages import Assign, Register
 from protocol.metrics import MetricsRegistry
-from worker.client import default_worker_id
+from worker.client import CurveKeys, default_worker_id
 from worker.heartbeat import HeartbeatThread
 from worker.sched_client import SchedulerClient, SchedulerError, SchedulerUnavailable
 from worker.task import DataCache, Task
@@ -35,15 +35,18 @@ class WorkerDaemon:
     """One worker process. `serve()` blocks until `stop()` (or SIGTERM via the CLI)."""
 
     def __init__(self, scheduler: str, device, *, worker_id: str | None = None, ctx: zmq.Context | None = None,
-                 slowdown: float = 1.0, max_tasks: int | None = None):
+                 slowdown: float = 1.0, max_tasks: int | None = None, keys: CurveKeys | None = None):
         self.scheduler = scheduler
         self.device = device
-        self.worker = worker_id or default_worker_id()
+        # With CURVE the id starts with the key's name: shards and the scheduler check that it does.
+        self.worker = worker_id or default_worker_id(keys.identity.name if keys else None)
         self.ctx = ctx or zmq.Context.instance()
         self.slowdown = slowdown
         self.max_tasks = max_tasks
-        self.sched = SchedulerClient(scheduler, ctx=self.ctx, worker=self.worker)
-        self.heartbeat = HeartbeatThread(scheduler, self.worker, ctx=self.ctx)
+        self.keys = keys
+        to_scheduler = keys.to(keys.scheduler) if keys else None
+        self.sched = SchedulerClient(scheduler, ctx=self.ctx, worker=self.worker, keys=to_scheduler)
+        self.heartbeat = HeartbeatThread(scheduler, self.worker, ctx=self.ctx, keys=to_scheduler)
         self.data = DataCache()
         self.metrics = MetricsRegistry()
         self._stopping = threading.Event()
@@ -81,7 +84,7 @@ class WorkerDaemon:
                 self.heartbeat.report(assignment.job, {})
                 if self._stopping.is_set():
                     self.heartbeat.stop_requested.set()
-                task = Task(assignment, worker=self.worker, device=self.device, sched=self.sched,
+                task = Task(assignment, worker=self.worker, device=self.device, sched=self.sched, keys=self.keys,
                             heartbeat=self.heartbeat, ctx=self.ctx, data=self.data, slowdown=self.slowdown,
                             metrics=self.metrics)
                 outcome = task.run()

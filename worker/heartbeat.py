@@ -22,6 +22,7 @@ import time
 import zmq
 
 from protocol.codec import decode_ok, encode
+from protocol.keys import ClientKeys
 from protocol.messages import Heartbeat
 from worker.transport import HEARTBEAT_SEND_HWM_MSGS, connect_dealer, drain, send_nowait
 
@@ -43,9 +44,10 @@ class HeartbeatThread(threading.Thread):
     """Beats every `interval_s` until `close()`; thread-safe setters for what it reports."""
 
     def __init__(self, addr: str, worker: str, *, ctx: zmq.Context | None = None,
-                 interval_s: float = HEARTBEAT_INTERVAL_S):
+                 interval_s: float = HEARTBEAT_INTERVAL_S, keys: ClientKeys | None = None):
         super().__init__(name="heartbeat", daemon=True)
         self.addr = addr
+        self.keys = keys
         self.worker = worker
         self.ctx = ctx or zmq.Context.instance()
         self.interval_s = interval_s
@@ -94,7 +96,7 @@ class HeartbeatThread(threading.Thread):
         self.join(timeout=CLOSE_TIMEOUT_S)
 
     def run(self) -> None:
-        sock = connect_dealer(self.ctx, self.addr, send_hwm=HEARTBEAT_SEND_HWM_MSGS)
+        sock = connect_dealer(self.ctx, self.addr, send_hwm=HEARTBEAT_SEND_HWM_MSGS, keys=self.keys)
         rid = 0
         last_beat = None
         try:

@@ -15,6 +15,7 @@ import zmq
 
 from protocol.codec import decode, encode, raise_if_error
 from protocol.errors import ProtocolError
+from protocol.keys import ClientKeys
 from protocol.messages import Message, Ok
 from worker.transport import connect_dealer, recv_message, send_message
 
@@ -39,8 +40,9 @@ class SchedulerClient:
     """One DEALER to the scheduler; one request at a time. Not thread-safe."""
 
     def __init__(self, addr: str, *, ctx: zmq.Context | None = None, worker: str = "",
-                 timeout_s: float = REQUEST_TIMEOUT_S, retries: int = REQUEST_RETRIES):
+                 timeout_s: float = REQUEST_TIMEOUT_S, retries: int = REQUEST_RETRIES, keys: ClientKeys | None = None):
         self.addr = addr
+        self.keys = keys  # CURVE: this process's pair and the scheduler's public key
         self.ctx = ctx or zmq.Context.instance()
         self.worker = worker
         self.timeout_s = timeout_s
@@ -50,7 +52,7 @@ class SchedulerClient:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = connect_dealer(self.ctx, self.addr)
+            self._sock = connect_dealer(self.ctx, self.addr, keys=self.keys)
         return self._sock
 
     def close(self) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from protocol.assignment import EVAL, Assignment
 from protocol.errors import ErrorCode
 from protocol.messages import Assign, Report
-from protocol.partitions import schedule_length, steps_owed
+from protocol.partitions import steps_owed
 from protocol.plan import Plan
 from worker.client import ParamClient, ShardError
 from worker.data import DataError, load_dataset, worker_batches
@@ -114,7 +114,7 @@ class Task:
     """
 
     def __init__(self, assignment: Assignment, *, worker: str, device, sched, heartbeat, ctx, data: DataCache,
-                 slowdown: float = 1.0, metrics=None):
+                 slowdown: float = 1.0, metrics=None, keys=None):
         self.a = assignment
         self.job = assignment.job
         self.spec = assignment.spec
@@ -126,6 +126,7 @@ class Task:
         self.data = data
         self.slowdown = max(1.0, slowdown)
         self.metrics = metrics
+        self.keys = keys  # CURVE: this worker's pair (WorkerKeys), None without
         self.client: ParamClient | None = None
         self.next_assignment: Assignment | None = None
         self.held: dict[int, Holding] = {}
@@ -239,7 +240,8 @@ class Task:
     def _client(self, plan: Plan) -> ParamClient:
         self.client = ParamClient(self.a.shards, plan, job=self.job, worker=self.worker, ctx=self.ctx,
                                   timeout_s=10.0, retries=3,
-                                  resolve=lambda: self.heartbeat.shard_addresses(self.job))
+                                  resolve=lambda: self.heartbeat.shard_addresses(self.job),
+                                  curve=self.keys.pair if self.keys else None, shard_keys=self.a.shard_keys)
         return self.client
 
     # --- partitions held ---
@@ -322,11 +324,8 @@ class Task:
         client = self._client(plan)
         host = self._host_arrays(model)
         if self.a.init:
-            optimizer = schedule_length(self.spec, self.owed)
-            existed = client.create(host, optimizer=optimizer, policy=self.spec["consistency"],
-                                    nonlearned=model.nonlearned_names(),
-                                    checkpoint_every=int(self.spec.get("checkpoint_every") or 0))
-            log.info("tables created", extra={"job": self.job, "existed": existed, "slices": len(plan.slices)})
+            client.load(host)  # the scheduler created the tables when it answered the plan
+            log.info("tables loaded", extra={"job": self.job, "slices": len(plan.slices)})
             view = self._report("initialized", {})
             self._hold(self.a.partitions, train)
             self._read_steps(client, host, model)

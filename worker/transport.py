@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import zmq
 
 from protocol.buffers import keep_freed_buffers
+from protocol.keys import ClientKeys
 
 # Messages (not bytes) queued on one DEALER, each way, before ZeroMQ pushes
 # back. A request socket holds one request at a time (Lazy Pirate: a silent
@@ -43,8 +44,9 @@ _SNDMORE = int(zmq.SNDMORE)
 
 
 def connect_dealer(ctx: zmq.Context, addr: str, *, send_hwm: int = SEND_HWM_MSGS,
-                   recv_hwm: int = RECV_HWM_MSGS) -> zmq.Socket:
-    """A DEALER connected to `addr`: linger 0, high-water marks in messages.
+                   recv_hwm: int = RECV_HWM_MSGS, keys: ClientKeys | None = None) -> zmq.Socket:
+    """A DEALER connected to `addr`: linger 0, high-water marks in messages, CURVE with `keys`
+    (this process's pair and the public key of the daemon at `addr`).
 
     Raises zmq.ZMQError (the socket closed) when ZeroMQ cannot use the address.
     """
@@ -53,6 +55,10 @@ def connect_dealer(ctx: zmq.Context, addr: str, *, send_hwm: int = SEND_HWM_MSGS
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, send_hwm)
     sock.setsockopt(zmq.RCVHWM, recv_hwm)
+    if keys is not None:
+        sock.curve_secretkey = keys.secret.encode("ascii")
+        sock.curve_publickey = keys.public.encode("ascii")
+        sock.curve_serverkey = keys.server.encode("ascii")
     try:
         sock.connect(addr)
     except zmq.ZMQError:

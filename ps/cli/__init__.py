@@ -67,11 +67,12 @@ def bench() -> None:
 
 
 def _register() -> None:
+    from ps.cli.cmd_keys import keys
     from ps.cli.cmd_scheduler import scheduler
     from ps.cli.cmd_server import server
     from ps.cli.cmd_start import start
 
-    for command in (scheduler, server, start):
+    for command in (keys, scheduler, server, start):
         main.add_command(command)
 
 

@@ -5,7 +5,16 @@ import os
 
 import click
 
-from ps.cli.common import announce_ready, check_address, on_stop_signals, serve_metrics_or_fail, size_option
+from ps.cli.common import (
+    announce_ready,
+    check_address,
+    curve_options,
+    on_stop_signals,
+    protected_bind,
+    serve_metrics_or_fail,
+    server_keys,
+    size_option,
+)
 
 
 def _default_bind() -> str:
@@ -31,19 +40,22 @@ def _default_bind() -> str:
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@curve_options
 def scheduler(bind, state_dir, heartbeat_timeout, max_model_bytes, max_failures, metrics_port, metrics_host,
-              log_level):
+              log_level, curve_dir, key_name, insecure):
     """Run the scheduler: durable jobs, membership, assignments (blocks until stopped)."""
     from protocol.logfmt import setup_logging
-    from ps.scheduler import Scheduler
+    from ps.scheduler import Scheduler, log
     from ps.transport import BindError
 
     setup_logging("scheduler", log_level)
     bind = check_address(bind or _default_bind(), "--bind")
+    protected_bind(bind, curve_dir=curve_dir, insecure=insecure, log=log)
+    keys = server_keys(curve_dir, "scheduler", key_name)
     try:
         os.makedirs(state_dir, exist_ok=True)
         sched = Scheduler(bind, state_dir, heartbeat_timeout_s=heartbeat_timeout, max_model_bytes=max_model_bytes,
-                          max_failures=max_failures)
+                          max_failures=max_failures, keys=keys)
     except BindError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -51,5 +63,5 @@ def scheduler(bind, state_dir, heartbeat_timeout, max_model_bytes, max_failures,
     port = serve_metrics_or_fail(sched.metrics, metrics_port, metrics_host, sched.close)
     on_stop_signals(sched.stop)
     announce_ready(role="scheduler", addr=sched.endpoint, state_dir=str(state_dir),
-                   metrics_port=port)
+                   metrics_port=port, curve=keys is not None)
     sched.serve()

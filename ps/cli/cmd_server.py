@@ -6,9 +6,12 @@ import click
 from ps.cli.common import (
     announce_ready,
     check_address,
+    curve_options,
     on_stop_signals,
+    protected_bind,
     scheduler_address,
     serve_metrics_or_fail,
+    server_keys,
     size_option,
 )
 
@@ -29,19 +32,22 @@ from ps.cli.common import (
 @click.option("--max-message-bytes", callback=size_option, default="512MiB", show_default=True,
               help="Refuse bigger messages.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@curve_options
 def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, metrics_host, max_message_bytes,
-           log_level):
+           log_level, curve_dir, key_name, insecure):
     """Run one parameter-server shard (blocks until stopped)."""
     from protocol.logfmt import setup_logging
-    from ps.shard import Shard
+    from ps.shard import Shard, log
     from ps.transport import BindError
 
     setup_logging("server", log_level)
     check_address(bind, "--bind")
+    protected_bind(bind, curve_dir=curve_dir, insecure=insecure, log=log)
+    keys = server_keys(curve_dir, "server", key_name)
     sched = scheduler_address(scheduler)
     try:
         shard = Shard(shard_id, bind, scheduler=sched, advertise=advertise, checkpoint_dir=checkpoint_dir,
-                      max_message_bytes=max_message_bytes)
+                      max_message_bytes=max_message_bytes, keys=keys)
         shard.start()  # claims a shard id if none was given, restores checkpoints, registers
     except (BindError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None

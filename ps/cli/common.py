@@ -65,3 +65,44 @@ def on_stop_signals(stop: Callable[[], None]) -> None:
         stop()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def curve_options(fn):
+    """--curve-dir, --key-name and --insecure for a daemon that listens (README.md, "Security")."""
+    fn = click.option("--insecure", is_flag=True,
+                      help="Listen beyond loopback without CURVE (only on a network you trust).")(fn)
+    fn = click.option("--key-name", default=None,
+                      help="Which of the role's keys in --curve-dir is this process's (default: the only one).")(fn)
+    fn = click.option("--curve-dir", type=click.Path(file_okay=False), default=None, envvar="PSCLUSTER_CURVE_DIR",
+                      help="CURVE keys (psctl keys generate): encrypt every socket and admit only their holders; "
+                           "or PSCLUSTER_CURVE_DIR.")(fn)
+    return fn
+
+
+def server_keys(curve_dir: str | None, role: str, key_name: str | None):
+    """This daemon's ServerKeys from --curve-dir (None without), or a one-sentence ClickException."""
+    if not curve_dir:
+        return None
+    from protocol.keys import KeyFileError, KeyRing, ServerKeys
+
+    try:
+        ring = KeyRing(curve_dir)
+        _identity, public, secret = ring.own(role, key_name)
+        ring.scheduler_key()  # every daemon talks to the scheduler: its key must be there
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    return ServerKeys(public, secret, ring)
+
+
+def protected_bind(addr: str, *, curve_dir: str | None, insecure: bool, log) -> str:
+    """`addr` if protected mode allows it (loopback, or CURVE, or --insecure); else a usage error."""
+    from protocol.endpoints import check_protected, is_loopback
+
+    try:
+        check_protected(addr, "--bind", curve=bool(curve_dir), insecure=insecure)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if insecure and not curve_dir and not is_loopback(addr):
+        log.warning("listening beyond loopback without CURVE (--insecure): anyone who reaches it owns the cluster",
+                    extra={"addr": addr})
+    return addr

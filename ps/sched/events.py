@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from protocol.keys import Identity
 from protocol.messages import Message
 
 
@@ -25,6 +26,7 @@ class Request:
     peer: object
     msg: Message
     now: float
+    identity: Identity | None = None   # the CURVE key that sent it (None: CURVE off)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class CallShard:
     call: int
     addr: str
     msg: Message
+    key: str = ""                      # the shard's CURVE public key ("": CURVE off)
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,8 @@ class JobRun:
         self.joining: set[str] = set()       # workers reserved for this job, waiting for partitions
         self.init_worker: str | None = None
         self.initialized = False
+        self.created: set[int] = set()       # shards that created the job's table
+        self.plan_wait: tuple | None = None  # (peer, rid, worker) of the plan report answered once they all did
         self.eval_worker: str | None = None
         self.eval_failures = 0
         self.final: dict | None = None
@@ -268,6 +270,10 @@ class JobRun:
             return {}, {}
         active = self.active()
         return {p.key: -1 for p in active}, {p.key: p.holder or "" for p in active}
+
+    def readers(self) -> list[str]:
+        """Workers that may read the parameters without holding a partition: the one evaluating."""
+        return [self.eval_worker] if self.eval_worker else []
 
     def acked_epoch(self) -> int:
         """The newest epoch every shard of the job acknowledged."""

@@ -112,6 +112,8 @@ class Placement:
 
     def _give_eval(self, run: JobRun, worker) -> None:
         run.eval_worker, worker.job = worker.id, run.job_id
+        run.epoch += 1   # the shards learn it may read (readers); it is told once they know
+        run.grants[worker.id] = run.epoch
         log.info("final evaluation assigned", extra={"job": run.job_id, "worker": worker.id})
 
     def _queued(self) -> list:

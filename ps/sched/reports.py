@@ -33,14 +33,18 @@ import math
 import numpy as np
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Ok
-from protocol.partitions import steps_owed
+from protocol.messages import Create, Ok
+from protocol.partitions import schedule_length, steps_owed
 from protocol.plan import make_plan
 from ps.sched import checks
-from ps.sched.events import Reply
+from ps.sched.events import CallShard, Reply
 from ps.sched.jobs import MAX_HISTORY, JobRun
 
 log = logging.getLogger("pscluster.scheduler")
+
+
+# A handler's answer that comes later (Reports._answer_plan), not with the report's reply.
+HELD = object()
 
 
 class Reports:
@@ -69,6 +73,10 @@ class Reports:
             self._training_moved(run, now)
         body = handler(run, worker, msg, now, out) or {}
         self._settle(now, out)
+        if body is HELD:  # answered later (the plan, once every shard created the tables)
+            run.plan_wait = (req.peer, msg.rid, worker.id)
+            self._answer_plan(run, out)
+            return
         out.append(Reply(req.peer, Ok(rid=msg.rid, job=msg.job, body={**self.worker_view(worker, run.job_id),
                                                                       **body})))
 
@@ -106,7 +114,39 @@ class Reports:
             self._persist(out, run.record, plan=plan.to_wire(), nonlearned=list(nonlearned),
                           tensors=[[n, list(s), d] for n, s, d in tensors])
             log.info("plan made", extra={"job": run.job_id, "slices": len(plan.slices), "bytes": nbytes})
-        return {"plan": run.plan.to_wire(), "shards": run.shards, "steps": [p.steps for p in run.partitions]}
+        run.created.clear()
+        for k in range(len(run.shards)):
+            self._create_on(run, k, out)
+        return HELD
+
+    def _create_on(self, run: JobRun, k: int, out: list) -> None:
+        """Ask shard k to create the job's table (the values come from the initialising worker: `load`)."""
+        call = next(self._call_ids)
+        self.calls[call] = ("create", run.job_id, k, 0)
+        msg = Create(job=run.job_id, plan=run.plan.to_wire(),
+                     optimizer=schedule_length(run.spec, [p.steps for p in run.partitions]),
+                     policy=run.spec["consistency"], nonlearned=list(run.record.nonlearned),
+                     checkpoint_every=int(run.spec.get("checkpoint_every") or 0))
+        out.append(CallShard(call, run.shards[k], msg, key=self._shard_key(k, run.shards[k])))
+
+    def _created(self, run: JobRun, k: int, reply, out: list) -> None:
+        """A shard's answer to a create: the plan is answered once every shard has the table."""
+        if isinstance(reply, Ok):
+            run.created.add(k)
+            self._answer_plan(run, out)
+        elif reply is None:
+            self._create_on(run, k, out)   # unanswered after the tries: ask again
+        else:
+            self._fail(run, f"shard {k} cannot create the job's table: {reply.code}: {reply.message}")
+
+    def _answer_plan(self, run: JobRun, out: list) -> None:
+        if run.plan_wait is None or len(run.created) < len(run.shards):
+            return
+        peer, rid, worker = run.plan_wait
+        run.plan_wait = None
+        view = self.worker_view(self.workers[worker], run.job_id) if worker in self.workers else {}
+        body = {**view, "plan": run.plan.to_wire(), "shards": run.shards, "steps": [p.steps for p in run.partitions]}
+        out.append(Reply(peer, Ok(rid=rid, job=run.job_id, body=body)))
 
     def _report_initialized(self, run: JobRun, worker, msg, now, out) -> dict:
         if run.init_worker != worker.id or run.plan is None:

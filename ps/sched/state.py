@@ -25,15 +25,18 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.assignment import EVAL, TRAIN, Assignment
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import SpecError, min_param_bytes, validate_job
 from protocol.jobstate import FINAL_STATES
+from protocol.keys import Identity
 from protocol.messages import Checkpoint, Error, Membership, Ok
 from protocol.metrics import MetricsRegistry
 from ps.sched import checks
+from ps.sched.auth import authorize
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Tick
 from ps.sched.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobRun
 from ps.sched.placement import Placement
@@ -92,6 +95,8 @@ class ServerPeer:
     last_seen: float
     info: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)   # job -> its table's summary, from heartbeats
+    identity: Identity | None = None            # the CURVE key it registered with
+    key: str = ""                               # that key's public half, for the calls to it
 
 
 class SchedulerState(Placement, Reports, Views):
@@ -99,7 +104,8 @@ class SchedulerState(Placement, Reports, Views):
 
     def __init__(self, records: list[JobRecord], *, incarnation: int = 1,
                  heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S, max_model_bytes: int = 0,
-                 max_failures: int = MAX_FAILURES, metrics: MetricsRegistry | None = None, wall_offset: float = 0.0):
+                 max_failures: int = MAX_FAILURES, metrics: MetricsRegistry | None = None, wall_offset: float = 0.0,
+                 public_key: Callable[[Identity], str | None] | None = None):
         self.jobs: dict[str, JobRecord] = {r.id: r for r in sorted(records, key=lambda r: r.seq)}
         self.submissions = {r.submission_id: r.id for r in records if r.submission_id}
         self.next_seq = max((r.seq for r in records), default=0) + 1
@@ -115,12 +121,13 @@ class SchedulerState(Placement, Reports, Views):
         self.max_failures = max_failures
         self.metrics = metrics or MetricsRegistry()
         self.wall_offset = wall_offset              # wall clock = now + wall_offset (for records)
+        self.public_key = public_key or (lambda identity: None)   # CURVE: a key's public half
         self._saved_at = self._sampled_at = float("-inf")
         self.ops = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "assign": self.on_assign,
             "report": self.on_report, "submit": self.on_submit, "status": self.on_status,
             "cancel": self.on_cancel, "list": self.on_list, "export": self.on_export,
-            "stats": self.on_stats, "shutdown": self.on_shutdown,
+            "stats": self.on_stats, "shutdown": self.on_shutdown, "evict": self.on_evict,
         }
 
     # --- the one entry point ---
@@ -153,6 +160,7 @@ class SchedulerState(Placement, Reports, Views):
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_OP, f"op '{msg.OP}' is not served by the scheduler "
                                     f"(it serves: {', '.join(sorted(self.ops))})", rid=msg.rid)
+            authorize(req.identity, msg)
             handler(req, out)
         except ProtocolError as exc:
             self._error(out, req.peer, msg.rid, exc.code, exc.message, msg.job)
@@ -194,8 +202,14 @@ class SchedulerState(Placement, Reports, Views):
                                                            if k not in self.servers)
             old = self.servers.get(shard)
             if old is not None and old.addr != addr:
-                log.warning("shard moved", extra={"shard": shard, "old": old.addr, "new": addr})
-            self.servers[shard] = ServerPeer(shard, addr, now, checks.info(msg.info))
+                # A live shard keeps its id: a second server may take it once the first is declared
+                # dead (silent for the heartbeat timeout) or an admin evicted it (psctl evict-shard).
+                raise ProtocolError(ErrorCode.BAD_STATE, f"shard {shard} is registered at {old.addr} and alive: "
+                                    "start this server once that one is declared dead, or evict it "
+                                    f"(psctl evict-shard {shard})", rid=msg.rid)
+            key = self.public_key(req.identity) if req.identity is not None else None
+            self.servers[shard] = ServerPeer(shard, addr, now, checks.info(msg.info), identity=req.identity,
+                                             key=key or "")
             log.info("server registered", extra={"shard": shard, "addr": addr})
             self._shard_came_back(shard, addr, out)
         elif msg.role == "worker":
@@ -234,9 +248,14 @@ class SchedulerState(Placement, Reports, Views):
         if msg.role == "server":
             shard = msg.state.get("shard")
             peer = self.servers.get(shard) if isinstance(shard, int) and not isinstance(shard, bool) else None
-            if peer is None:
+            if peer is None or msg.state.get("addr") != peer.addr:
+                # Not the shard registered under that id (one waiting to take it over): it keeps
+                # registering; its beats must not keep the registered one alive.
                 self._ok(out, req, {"reregister": True})
                 return
+            if req.identity is not None and req.identity != peer.identity:
+                raise ProtocolError(ErrorCode.FORBIDDEN, f"heartbeat from {req.identity.user_id} refused: shard "
+                                    f"{shard} registered with another key", rid=msg.rid)
             peer.last_seen, peer.stats = now, checks.shard_stats(msg.state)
             self._ok(out, req, {})
             return
@@ -299,6 +318,8 @@ class SchedulerState(Placement, Reports, Views):
                 peer.job = None
                 continue
             if run.eval_worker == peer.id:
+                if not run.ready(peer.id):
+                    continue
                 assignment = self._assignment(run, peer.id, EVAL)
             elif peer.id in run.joining or not run.ready(peer.id):
                 continue
@@ -321,7 +342,8 @@ class SchedulerState(Placement, Reports, Views):
                           steps=steps if all(s is not None for s in steps) else [],
                           init=task == TRAIN and run.init_worker == worker and not run.initialized,
                           plan=run.plan.to_wire() if run.plan else None, nonlearned=list(run.record.nonlearned),
-                          epoch=run.acked_epoch(), max_model_bytes=self.max_model_bytes)
+                          epoch=run.acked_epoch(), max_model_bytes=self.max_model_bytes,
+                          shard_keys=[self._shard_key(k, addr) for k, addr in enumerate(run.shards)])
 
     # --- submissions ---
 
@@ -369,15 +391,32 @@ class SchedulerState(Placement, Reports, Views):
                 self.calls[call] = ("membership", run.job_id, k, run.epoch)
                 self.sent[(run.job_id, k)] = run.epoch
                 out.append(CallShard(call, addr, Membership(job=run.job_id, epoch=run.epoch, workers=workers,
-                                                            holders=holders)))
+                                                            holders=holders, readers=run.readers()),
+                                     key=self._shard_key(k, addr)))
+
+    def _shard_key(self, shard: int, addr: str) -> str:
+        """The CURVE public key of the shard at `addr` ("": none known, or CURVE off)."""
+        peer = self.servers.get(shard)
+        return peer.key if peer is not None and peer.addr == addr else ""
+
+    def on_evict(self, req: Request, out: list) -> None:
+        """An admin declares a shard dead now (a server that cannot come back takes its id at once)."""
+        peer = self.servers.pop(req.msg.shard, None)
+        if peer is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no live shard {req.msg.shard}", rid=req.msg.rid)
+        log.warning("shard evicted", extra={"shard": peer.shard, "addr": peer.addr})
+        self._ok(out, req, {"shard": peer.shard, "addr": peer.addr})
 
     def _shard_answer(self, event: ShardAnswer, out: list) -> None:
         call = self.calls.pop(event.call, None)
-        if call is None or call[0] != "membership":
+        if call is None or call[0] not in ("membership", "create"):
             return
-        _kind, job, k, epoch = call
+        kind, job, k, epoch = call
         run = self.runs.get(job)
         if run is None:
+            return
+        if kind == "create":
+            self._created(run, k, event.reply, out)
             return
         if isinstance(event.reply, Ok):
             run.acked[k] = max(run.acked.get(k, 0), epoch)
@@ -453,10 +492,10 @@ class SchedulerState(Placement, Reports, Views):
             if peer.job == run.job_id:
                 peer.job = None
         if run.spec.get("checkpoint_every"):
-            for addr in run.shards:  # a last checkpoint of the final values, where shards keep them
+            for k, addr in enumerate(run.shards):  # a last checkpoint of the final values, where shards keep them
                 call = next(self._call_ids)
                 self.calls[call] = ("checkpoint", run.job_id, -1, 0)
-                out.append(CallShard(call, addr, Checkpoint(job=run.job_id)))
+                out.append(CallShard(call, addr, Checkpoint(job=run.job_id), key=self._shard_key(k, addr)))
         self.metrics.inc("jobs_finished_total", state=record.state)
         log.info("job ended", extra={"job": run.job_id, "state": record.state,
                                      "test_accuracy": (run.final or {}).get("test_accuracy"),

@@ -102,6 +102,7 @@ class Views:
                                 rid=req.msg.rid)
         self._ok(out, req, {"job": record.id, "state": record.state, "plan": record.plan,
                             "shards": list(record.shards), "nonlearned": list(record.nonlearned),
+                            "shard_keys": [self._shard_key(k, addr) for k, addr in enumerate(record.shards)],
                             "result": record.result})
 
     def on_stats(self, req, out: list) -> None:

@@ -8,7 +8,7 @@ import uuid
 import click
 
 from protocol.jobstate import FINAL_STATES, JobState
-from worker.cli.common import scheduler_address
+from worker.cli.common import Connection, admin_connection
 from worker.views.progress import ProgressBar
 from worker.views.report import job_summary, print_summary
 
@@ -16,10 +16,8 @@ from worker.views.report import job_summary, print_summary
 POLL_INTERVAL_S = 0.5
 
 
-def _client(scheduler: str | None):
-    from worker.sched_client import SchedulerClient
-
-    return SchedulerClient(scheduler_address(scheduler), timeout_s=5.0, retries=2)
+def _client(conn: Connection):
+    return conn.client(timeout_s=5.0, retries=2)
 
 
 def _call(client, msg):
@@ -93,7 +91,7 @@ def _plot(rows: list[dict], path: str, job: str) -> None:
 
 @click.command("submit")
 @click.argument("job_file", type=click.Path(dir_okay=False))
-@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+@admin_connection
 @click.option("--wait", is_flag=True, help="Show a live progress bar and wait for the job to end.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait: print the summary as one JSON object.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
@@ -101,14 +99,14 @@ def _plot(rows: list[dict], path: str, job: str) -> None:
 @click.option("--submission-id", default=None, metavar="ID",
               help="Submitting the same ID again returns the job it made instead of a new one "
                    "(default: a fresh id, reused by this command's own retries).")
-def submit(job_file, scheduler, wait, as_json, plot, submission_id):
+def submit(job_file, conn, wait, as_json, plot, submission_id):
     """Submit JOB_FILE; prints the job id (with --wait, exits 0 only if the job succeeded)."""
     from protocol.messages import Submit
 
     spec = load_and_check(job_file)
     if submission_id is not None and not (0 < len(submission_id) <= 128 and submission_id.isprintable()):
         raise click.BadParameter("must be 1 to 128 printable characters", param_hint="--submission-id")
-    client = _client(scheduler)
+    client = _client(conn)
     # The client re-sends a silent request as it is, id included: a retry never makes a second job.
     job = _call(client, Submit(spec=spec, submission_id=submission_id or uuid.uuid4().hex))["job"]
     if not wait:
@@ -123,14 +121,14 @@ def submit(job_file, scheduler, wait, as_json, plot, submission_id):
 
 @click.command("status")
 @click.argument("job", required=False)
-@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+@admin_connection
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
-def status(job, scheduler, as_json):
+def status(job, conn, as_json):
     """Show one job (clocks, staleness, progress) or, without JOB, the cluster."""
     from protocol.messages import Status
     from worker.views.report import render_cluster, render_job
 
-    body = _call(_client(scheduler), Status(job=job or ""))
+    body = _call(_client(conn), Status(job=job or ""))
     if as_json:
         click.echo(json.dumps(body, sort_keys=True, default=str))
     else:
@@ -138,25 +136,25 @@ def status(job, scheduler, as_json):
 
 
 @click.command("list")
-@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
+@admin_connection
 @click.option("--json", "as_json", is_flag=True, help="Print the jobs as one JSON object.")
-def list_jobs(scheduler, as_json):
+def list_jobs(conn, as_json):
     """List every job, newest first."""
     from protocol.messages import List
     from worker.views.report import render_list
 
-    body = _call(_client(scheduler), List())
+    body = _call(_client(conn), List())
     click.echo(json.dumps(body, sort_keys=True, default=str) if as_json else render_list(body["jobs"]))
 
 
 @click.command("cancel")
 @click.argument("job")
-@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
-def cancel(job, scheduler):
+@admin_connection
+def cancel(job, conn):
     """Cancel a queued or running job; its workers move on to the next job."""
     from protocol.messages import Cancel
 
-    body = _call(_client(scheduler), Cancel(job=job))
+    body = _call(_client(conn), Cancel(job=job))
     click.echo(f"{body['job']} {body['state']}")
 
 
@@ -164,8 +162,8 @@ def cancel(job, scheduler):
 @click.argument("job")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
               help="Write the parameters here (.npz, one array per tensor name).")
-@click.option("--scheduler", default=None, help="Scheduler address (or PSCLUSTER_SCHEDULER).")
-def export(job, output, scheduler):
+@admin_connection
+def export(job, output, conn):
     """Save a job's parameters (as they are now) to an .npz file loadable by numpy.load."""
     import numpy as np
 
@@ -174,13 +172,15 @@ def export(job, output, scheduler):
     from protocol.plan import Plan
     from worker.client import ParamClient, ShardError, ShardTimeout
 
-    body = _call(_client(scheduler), Export(job=job))
+    body = _call(_client(conn), Export(job=job))
     try:
         plan = Plan.from_wire(body["plan"])
     except ProtocolError as exc:
         raise click.ClickException(f"job {job}'s plan is unreadable: {exc.message}") from None
     try:
-        with ParamClient(body["shards"], plan, job=job, timeout_s=10.0, retries=2) as client:
+        curve = conn.keys.pair if conn.keys else None
+        with ParamClient(body["shards"], plan, job=job, timeout_s=10.0, retries=2, curve=curve,
+                         shard_keys=body.get("shard_keys") or ()) as client:
             arrays = client.pull()
     except (ShardError, ShardTimeout) as exc:
         raise click.ClickException(str(exc)) from None
@@ -191,3 +191,14 @@ def export(job, output, scheduler):
         raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
     total = sum(a.nbytes for a in arrays.values())
     click.echo(f"wrote {len(arrays)} tensors ({total:,} bytes) of {job} ({body['state']}) to {output}")
+
+
+@click.command("evict-shard")
+@click.argument("shard", type=click.IntRange(0, 4095))
+@admin_connection
+def evict_shard(shard, conn):
+    """Declare server shard SHARD dead now, so a replacement can take its id before the heartbeat timeout."""
+    from protocol.messages import Evict
+
+    body = _call(_client(conn), Evict(shard=shard))
+    click.echo(f"shard {body['shard']} ({body['addr']}) evicted")

@@ -5,7 +5,7 @@ import signal
 
 import click
 
-from worker.cli.common import announce_ready, scheduler_address
+from worker.cli.common import announce_ready, curve_client_options, load_keys, scheduler_address
 
 
 @click.command("worker")
@@ -21,7 +21,9 @@ from worker.cli.common import announce_ready, scheduler_address
 @click.option("--metrics-host", default="127.0.0.1", show_default=True,
               help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
-def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metrics_host, log_level):
+@curve_client_options
+def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metrics_host, log_level, curve_dir,
+           key_name):
     """Run a worker: take assignments from the scheduler and train (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from worker.daemon import WorkerDaemon
@@ -34,7 +36,11 @@ def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metr
         dev = select_device(device)
     except DeviceError as exc:
         raise click.ClickException(str(exc)) from None
-    daemon = WorkerDaemon(addr, dev, worker_id=worker_id, slowdown=slowdown, max_tasks=max_tasks)
+    keys = load_keys(curve_dir, "worker", key_name)
+    if keys is not None and worker_id and not keys.identity.owns_worker_id(worker_id):
+        raise click.BadParameter(f"must be the key's name {keys.identity.name!r} or start with "
+                                 f"'{keys.identity.name}-' under CURVE", param_hint="--worker-id")
+    daemon = WorkerDaemon(addr, dev, worker_id=worker_id, slowdown=slowdown, max_tasks=max_tasks, keys=keys)
 
     def on_signal(signum, frame):
         daemon.stop()
@@ -50,7 +56,7 @@ def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metr
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     announce_ready(role="worker", worker=daemon.worker, scheduler=addr, device=dev.name,
-                   metrics_port=exporter.server_port if exporter else None)
+                   metrics_port=exporter.server_port if exporter else None, curve=keys is not None)
     try:
         daemon.serve()
     except SchedulerUnavailable as exc:
