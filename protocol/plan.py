@@ -25,6 +25,14 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.version import ALLOWED_DTYPES
 
 DEFAULT_PARTITION_BYTES = 4 * 1024 * 1024
+# Bounds on what a plan may ask for: a plan arrives off the network, and a
+# receiver builds a list per shard and per slice (checked before either).
+MAX_SHARDS = 4096
+MAX_TENSORS = 100_000
+MAX_SLICES = 1_000_000
+MAX_DIMS = 8
+MAX_NAME_CHARS = 256
+MAX_TENSOR_ELEMENTS = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -141,19 +149,32 @@ class Plan:
 
 
 def _check_inputs(tensors: Mapping[str, tuple], num_shards: object, partition_bytes: object) -> None:
-    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive int, found {num_shards!r}")
-    if not isinstance(partition_bytes, int) or isinstance(partition_bytes, bool) or partition_bytes < 1:
-        raise ValueError(f"partition_bytes must be a positive int, found {partition_bytes!r}")
+    """Every bound, before anything is built (a plan off the network must not size an allocation)."""
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or not 1 <= num_shards <= MAX_SHARDS:
+        raise ValueError(f"num_shards must be an int in 1..{MAX_SHARDS}, found {num_shards!r:.40}")
+    if not isinstance(partition_bytes, int) or isinstance(partition_bytes, bool) or not 1 <= partition_bytes <= 1 << 30:
+        raise ValueError(f"partition_bytes must be an int in 1..{1 << 30}, found {partition_bytes!r:.40}")
+    if len(tensors) > MAX_TENSORS:
+        raise ValueError(f"a plan holds at most {MAX_TENSORS} tensors, found {len(tensors)}")
+    slices = 0
     for name, (shape, dtype) in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor names must be non-empty strings, found {name!r}")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name!r}: shape must be non-negative ints, found {shape!r}")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
+            raise ValueError(f"tensor names must be strings of 1..{MAX_NAME_CHARS} characters, found {name!r:.40}")
+        if len(shape) > MAX_DIMS or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                            for d in shape):
+            raise ValueError(f"tensor {name!r}: shape must be at most {MAX_DIMS} non-negative ints, "
+                             f"found {shape!r:.60}")
         if dtype not in ALLOWED_DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {dtype!r} is not allowed")
-        if np.dtype(dtype).itemsize > partition_bytes:
+        itemsize = np.dtype(dtype).itemsize
+        if itemsize > partition_bytes:
             raise ValueError(f"partition_bytes {partition_bytes} is smaller than one {dtype} element")
+        size = math.prod(shape)
+        if size > MAX_TENSOR_ELEMENTS:
+            raise ValueError(f"tensor {name!r} has {size} elements, over {MAX_TENSOR_ELEMENTS}")
+        slices += max(1, -(-size // (partition_bytes // itemsize)))
+        if slices > MAX_SLICES:
+            raise ValueError(f"the plan would cut over {MAX_SLICES} slices: raise partition_bytes")
 
 
 def _cut(size: int, max_count: int) -> list[tuple[int, int]]:

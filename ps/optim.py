@@ -164,6 +164,11 @@ class Optimizer:
     def __repr__(self) -> str:
         return f"Optimizer({self.spec!r})"
 
+    @property
+    def state_copies(self) -> int:
+        """Arrays of a parameter's size this optimizer keeps beside it (adam 2, momentum 1, sgd 0)."""
+        return len(self._state_keys)
+
     def init_state(self, param: np.ndarray) -> dict[str, np.ndarray]:
         """Fresh state for one parameter (or slice): zeros shaped like it, and
         for adam the 0-d int64 count `t` of updates applied to this state."""

@@ -19,6 +19,7 @@ scheduler goes through the shard's SchedulerLink (ps/scheduler_link.py).
 from __future__ import annotations
 
 import logging
+import os
 import socket as pysocket
 import time
 from collections.abc import Callable
@@ -50,6 +51,21 @@ log = logging.getLogger("pscluster.server")
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
+# Bounds on what a request may ask a shard to hold or loop over.
+MAX_CHECKPOINT_EVERY = 10**9
+MAX_EPOCH = 1 << 48                 # the scheduler's epochs: incarnation x 2**24 + a counter
+MAX_MEMBERS = MAX_WORKERS * 4       # partitions of a job, or legacy worker members
+# Memory a shard holds for tables by default: half of this machine's.
+MEMORY_SHARE_FOR_TABLES = 2
+
+
+def default_max_table_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // MEMORY_SHARE_FOR_TABLES
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 class Shard(RouterDaemon):
     """One parameter-server shard. `serve()` blocks until shutdown or `stop()`."""
 
@@ -62,7 +78,8 @@ class Shard(RouterDaemon):
                  checkpoint_dir: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  registry: MetricsRegistry | None = None, clock: Callable[[], float] = time.monotonic,
-                 claim_timeout_s: float = CLAIM_TIMEOUT_S, keys: ServerKeys | None = None):
+                 claim_timeout_s: float = CLAIM_TIMEOUT_S, keys: ServerKeys | None = None,
+                 max_table_bytes: int | None = None):
         if shard_id is None and not scheduler:
             raise RuntimeError("a server without --shard-id needs --scheduler to assign it one")
         self.shard_id = shard_id
@@ -72,6 +89,8 @@ class Shard(RouterDaemon):
         self.advertise = advertise or _advertised(self.endpoint)
         self.checkpoint_dir = checkpoint_dir
         self.max_message_bytes = max_message_bytes
+        # Parameters and optimizer state this shard agrees to hold, all jobs together (0: no limit).
+        self.max_table_bytes = default_max_table_bytes() if max_table_bytes is None else max_table_bytes
         self.metrics = registry or MetricsRegistry()
         self.now = clock
         self.tables: dict[str, JobTable] = {}
@@ -178,11 +197,13 @@ class Shard(RouterDaemon):
             raise ProtocolError(ErrorCode.BAD_SPEC, str(exc), rid=msg.rid) from None
         unknown = sorted(set(msg.nonlearned) - set(plan.names))
         if unknown:
-            raise ProtocolError(ErrorCode.BAD_FIELD, f"nonlearned tensor {unknown[0]!r} is not in the plan",
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"nonlearned tensor {unknown[0]!r:.60} is not in the plan",
                                 rid=msg.rid)
-        if msg.checkpoint_every < 0:
-            raise ProtocolError(ErrorCode.BAD_FIELD, "checkpoint_every must be >= 0", rid=msg.rid)
+        if not 0 <= msg.checkpoint_every <= MAX_CHECKPOINT_EVERY:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"checkpoint_every must be in 0..{MAX_CHECKPOINT_EVERY}",
+                                rid=msg.rid)
         held = {s.sid: s for s in plan.slices_on(self.shard_id)}
+        self._check_room(msg, sum(s.nbytes for s in held.values()) * (1 + optimizer.state_copies))
         if msg.slices or not held:  # the values now, or (none: the scheduler creates) in a `load`
             check_payload(msg.slices, held, rid=msg.rid, job=msg.job, complete=True)
         initial = {sl.sid: sl.data for sl in msg.slices} if msg.slices or not held else None
@@ -196,6 +217,14 @@ class Shard(RouterDaemon):
                                          "policy": policy.name, "optimizer": optimizer.spec["kind"]})
         self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"existed": False, "version": table.version,
                                                                       "slices": len(held)})))
+
+    def _check_room(self, msg, nbytes: int) -> None:
+        """A new table must fit beside the others under max_table_bytes (parameters and optimizer state)."""
+        held = sum(t.bytes * (1 + t.optimizer.state_copies) for t in self.tables.values())
+        if self.max_table_bytes and held + nbytes > self.max_table_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"job {msg.job!r:.60} needs {nbytes:,} bytes on shard "
+                                f"{self.shard_id}, which holds {held:,} of its limit of {self.max_table_bytes:,} "
+                                "(--max-table-bytes)", rid=msg.rid)
 
     def on_load(self, envelope: list, msg) -> None:
         """The initial values of a table the scheduler created; once (a repeat is answered, not applied)."""
@@ -256,6 +285,9 @@ class Shard(RouterDaemon):
             self.metrics.inc("duplicates_total")
             self._answer_duplicate(table, envelope, msg, last[1], pull_token)
             return
+        if msg.base_version < -1 or not (msg.norm >= 0 or msg.norm == -1):
+            raise ProtocolError(ErrorCode.BAD_FIELD, "base_version must be >= -1 and norm >= 0 (or -1: not computed)",
+                                rid=msg.rid)
         check_payload(msg.slices, table.held, rid=msg.rid, job=msg.job)
         if isinstance(msg, PushPull):
             check_sids(msg.sids, table.held, rid=msg.rid, job=msg.job)
@@ -360,6 +392,10 @@ class Shard(RouterDaemon):
     # --- control ---
 
     def on_membership(self, envelope: list, msg) -> None:
+        if not 0 < msg.epoch <= MAX_EPOCH or len(msg.workers) > MAX_MEMBERS or len(msg.holders) > MAX_MEMBERS \
+                or len(msg.readers) > MAX_MEMBERS or any(c < -1 for c in msg.workers.values()):
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"membership: epoch in 1..{MAX_EPOCH}, at most {MAX_MEMBERS} "
+                                "members, holders and readers, start clocks >= -1", rid=msg.rid)
         table = self.tables.get(msg.job)
         if table is None:
             check_job_id(msg.job, rid=msg.rid)

@@ -31,10 +31,13 @@ from ps.cli.common import (
               help="Interface for the metrics port (0.0.0.0 in a container).")
 @click.option("--max-message-bytes", callback=size_option, default="512MiB", show_default=True,
               help="Refuse bigger messages.")
+@click.option("--max-table-bytes", callback=size_option, default=None,
+              help="Parameters and optimizer state this shard holds at most, all jobs together "
+                   "(default: half of this machine's memory).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @curve_options
 def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, metrics_host, max_message_bytes,
-           log_level, curve_dir, key_name, insecure):
+           max_table_bytes, log_level, curve_dir, key_name, insecure):
     """Run one parameter-server shard (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from ps.shard import Shard, log
@@ -47,12 +50,12 @@ def server(bind, shard_id, scheduler, advertise, checkpoint_dir, metrics_port, m
     sched = scheduler_address(scheduler)
     try:
         shard = Shard(shard_id, bind, scheduler=sched, advertise=advertise, checkpoint_dir=checkpoint_dir,
-                      max_message_bytes=max_message_bytes, keys=keys)
+                      max_message_bytes=max_message_bytes, max_table_bytes=max_table_bytes, keys=keys)
         shard.start()  # claims a shard id if none was given, restores checkpoints, registers
     except (BindError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     port = serve_metrics_or_fail(shard.metrics, metrics_port, metrics_host, shard.close)
     on_stop_signals(shard.stop)
     announce_ready(role="server", shard=shard.shard_id, addr=shard.endpoint, advertise=shard.advertise,
-                   metrics_port=port)
+                   metrics_port=port, curve=keys is not None)
     shard.serve()

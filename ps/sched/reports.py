@@ -67,7 +67,7 @@ class Reports:
             out.append(Reply(req.peer, Ok(rid=msg.rid, job=msg.job, body={"stop": True})))
             return
         if worker.job != run.job_id:
-            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {msg.worker!r:.60} has no part in job {run.job_id} "
+            raise self._not_yours(f"worker {msg.worker!r:.60} has no part in job {run.job_id} "
                                                       "(it was declared dead, or the job moved on)", rid=msg.rid)
         if run.progress(worker.id, checks.part_states(msg.state.get("parts"), msg.rid)):
             self._training_moved(run, now)
@@ -84,7 +84,7 @@ class Reports:
 
     def _report_plan(self, run: JobRun, worker, msg, now, out) -> dict:
         if run.init_worker != worker.id:
-            raise ProtocolError(ErrorCode.NOT_MEMBER, f"only the worker initialising job {run.job_id} sends its plan",
+            raise self._not_yours(f"only the worker initialising job {run.job_id} sends its plan",
                                 rid=msg.rid)
         tensors = checks.tensors(msg.state.get("tensors"), msg.rid)
         names = {name for name, _s, _d in tensors}
@@ -150,7 +150,7 @@ class Reports:
 
     def _report_initialized(self, run: JobRun, worker, msg, now, out) -> dict:
         if run.init_worker != worker.id or run.plan is None:
-            raise ProtocolError(ErrorCode.NOT_MEMBER, f"only the worker initialising job {run.job_id}, once it has "
+            raise self._not_yours(f"only the worker initialising job {run.job_id}, once it has "
                                                       "the plan, says the tables exist", rid=msg.rid)
         run.initialized = True
         if run.train_started is None:
@@ -161,7 +161,7 @@ class Reports:
 
     def _report_eval(self, run: JobRun, worker, msg, now, out) -> dict:
         if not run.held_by(worker.id):
-            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {worker.id!r:.60} holds no partition of "
+            raise self._not_yours(f"worker {worker.id!r:.60} holds no partition of "
                                                       f"job {run.job_id}", rid=msg.rid)
         acc, loss, step = msg.state.get("test_accuracy"), msg.state.get("test_loss"), msg.state.get("step")
         if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= acc <= 1.0:
@@ -203,7 +203,7 @@ class Reports:
         error = checks.error_text(msg.state.get("error"), "a worker failed without saying why")
         fatal = msg.state.get("fatal") is True
         if run.eval_worker != worker.id and not run.held_by(worker.id):
-            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {worker.id!r:.60} holds no partition of job "
+            raise self._not_yours(f"worker {worker.id!r:.60} holds no partition of job "
                                                       f"{run.job_id}: its failure is not the job's", rid=msg.rid)
         log.warning("worker failed", extra={"job": run.job_id, "worker": worker.id, "why": error, "fatal": fatal})
         if run.eval_worker == worker.id:
@@ -217,7 +217,7 @@ class Reports:
 
     def _report_final(self, run: JobRun, worker, msg, now, out) -> dict:
         if run.eval_worker != worker.id:
-            raise ProtocolError(ErrorCode.NOT_MEMBER, f"worker {worker.id!r:.60} is not evaluating job {run.job_id}",
+            raise self._not_yours(f"worker {worker.id!r:.60} is not evaluating job {run.job_id}",
                                 rid=msg.rid)
         acc, loss = msg.state.get("test_accuracy"), msg.state.get("test_loss")
         if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= acc <= 1.0:
@@ -238,6 +238,12 @@ class Reports:
         return {"stop": True}
 
     # --- shared ---
+
+    def _not_yours(self, text: str, *, rid: int) -> ProtocolError:
+        """A report about what the worker does not hold: FORBIDDEN when its key was authenticated
+        (README.md, "Security"), NOT_MEMBER on a cluster without CURVE."""
+        code = ErrorCode.FORBIDDEN if self.identity is not None else ErrorCode.NOT_MEMBER
+        return ProtocolError(code, text, rid=rid)
 
     def _leave(self, run: JobRun, worker) -> None:
         """`worker` has no part in `run` any more; what it held goes back (no failure counted)."""

@@ -123,6 +123,7 @@ class SchedulerState(Placement, Reports, Views):
         self.wall_offset = wall_offset              # wall clock = now + wall_offset (for records)
         self.public_key = public_key or (lambda identity: None)   # CURVE: a key's public half
         self._saved_at = self._sampled_at = float("-inf")
+        self.identity: Identity | None = None
         self.ops = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "assign": self.on_assign,
             "report": self.on_report, "submit": self.on_submit, "status": self.on_status,
@@ -135,6 +136,7 @@ class SchedulerState(Placement, Reports, Views):
     def handle(self, event) -> list:
         """The instructions for `event`, in the order they must be performed."""
         out: list = []
+        self.identity = None
         try:
             if isinstance(event, Request):
                 self._request(event, out)
@@ -161,6 +163,7 @@ class SchedulerState(Placement, Reports, Views):
                 raise ProtocolError(ErrorCode.UNKNOWN_OP, f"op '{msg.OP}' is not served by the scheduler "
                                     f"(it serves: {', '.join(sorted(self.ops))})", rid=msg.rid)
             authorize(req.identity, msg)
+            self.identity = req.identity   # who sent the request being handled (None: CURVE off)
             handler(req, out)
         except ProtocolError as exc:
             self._error(out, req.peer, msg.rid, exc.code, exc.message, msg.job)
