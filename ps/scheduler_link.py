@@ -24,6 +24,7 @@ import logging
 import math
 import socket as pysocket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -66,6 +67,9 @@ class SchedulerLink:
     keys: ClientKeys | None = None              # CURVE: this shard's pair and the scheduler's public key
     sock: object = None
     next_beat: float = 0.0                      # when the next beat is due; the first tick beats at once
+    # This process, told apart from a restart at the same address: the scheduler
+    # bars an evicted (address, instance) from its id, not the address.
+    instance: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     _last_beat: float | None = field(default=None, repr=False)
     _rid: int = field(default=0, repr=False)
 
@@ -95,7 +99,8 @@ class SchedulerLink:
         """Announce this shard (id or -1, address, jobs held); returns the request id."""
         return self._send(Register(role="server", addr=self.advertise,
                                    shard=-1 if self.shard is None else self.shard,
-                                   info={"host": pysocket.gethostname(), "jobs": sorted(self.jobs())}))
+                                   info={"host": pysocket.gethostname(), "instance": self.instance,
+                                         "jobs": sorted(self.jobs())}))
 
     def claim(self, timeout_s: float = CLAIM_TIMEOUT_S, *, clock: Callable[[], float] = time.monotonic) -> int:
         """Register without an id and wait up to `timeout_s` for the one the scheduler gives.

@@ -55,6 +55,11 @@ STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 MAX_CHECKPOINT_EVERY = 10**9
 MAX_EPOCH = 1 << 48                 # the scheduler's epochs: incarnation x 2**24 + a counter
 MAX_MEMBERS = MAX_WORKERS * 4       # partitions of a job, or legacy worker members
+# Memberships held for tables not created yet (a shard restarted without its
+# checkpoint hears the membership before the create): a few jobs at a time,
+# the oldest forgotten first, so messages for jobs that never come cannot
+# grow the shard (each may name 3 x MAX_MEMBERS ids).
+MAX_PENDING_MEMBERSHIPS = 16
 # Memory a shard holds for tables by default: half of this machine's.
 MEMORY_SHARE_FOR_TABLES = 2
 
@@ -238,6 +243,7 @@ class Shard(RouterDaemon):
 
     def on_drop(self, envelope: list, msg) -> None:
         table = self.tables.pop(msg.job, None)
+        self.pending_membership.pop(msg.job, None)
         if table is not None:
             for token in [t for t in self.parked if t[0] == msg.job]:
                 env, req, _sids = self.parked.pop(token)
@@ -401,7 +407,10 @@ class Shard(RouterDaemon):
             check_job_id(msg.job, rid=msg.rid)
             held = self.pending_membership.get(msg.job)
             if held is None or held.epoch < msg.epoch:
+                self.pending_membership.pop(msg.job, None)
                 self.pending_membership[msg.job] = msg
+                while len(self.pending_membership) > MAX_PENDING_MEMBERSHIPS:
+                    self.pending_membership.pop(next(iter(self.pending_membership)))
             self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"epoch": msg.epoch, "pending": True})))
             return
         self._apply_membership(table, msg)

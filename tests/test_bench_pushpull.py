@@ -18,15 +18,24 @@ from worker.cli.cmd_bench_pushpull import pushpull
 ROW_FIELDS = {"op", "size", "median_s", "p90_s", "raw_median_s", "slowdown", "floor_median_s", "over_floor"}
 
 
+class StartedList(list):
+    """The pids of the children, and `ready`: each one's name -> the facts of its READY line."""
+
+    def __init__(self):
+        super().__init__()
+        self.ready: dict[str, dict] = {}
+
+
 @pytest.fixture
 def started(monkeypatch):
     """The pids of every child the bench starts, recorded as it starts them."""
-    pids: list[int] = []
+    pids = StartedList()
 
     class Recording(bench.LocalCluster):
-        def start(self, *args, **kwargs):
+        def start(self, name, *args, **kwargs):
             try:
-                return super().start(*args, **kwargs)
+                pids.ready[name] = facts = super().start(name, *args, **kwargs)
+                return facts
             finally:
                 pids.extend(p for p in self.pids if p not in pids)
 
@@ -59,6 +68,36 @@ def test_json_rows_and_every_process_reaped(started):
         assert row["over_floor"] == pytest.approx(row["median_s"] / row["floor_median_s"])
     assert len(started) == 4  # two shards, two raw echo servers
     assert not [pid for pid in started if alive(pid)]
+
+
+def test_curve_json_rows_carry_the_ratio_to_plain(started):
+    result = CliRunner().invoke(pushpull, ["--size", "4KiB", "--repeat", "3", "--curve", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["curve"] is True
+    rows = out["results"]
+    assert [r["op"] for r in rows] == ["push", "pull", "push_pull"]
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        assert 0 < row["curve_median_s"] <= row["curve_p90_s"]
+        assert row["curve_over_plain"] == pytest.approx(row["curve_median_s"] / row["median_s"])
+        assert row["slowdown"] == pytest.approx(row["median_s"] / row["raw_median_s"])  # plain, as without --curve
+    # one plain shard, one CURVE shard (it says so when ready), one raw echo server; all reaped
+    assert started.ready["server-0"]["curve"] is False
+    assert started.ready["curve-server-0"]["curve"] is True
+    assert len(started) == 3
+    assert not [pid for pid in started if alive(pid)]
+
+
+def test_curve_table_adds_its_columns_only_with_curve():
+    row = {"op": "pull", "size": 4096, "median_s": 1e-4, "p90_s": 2e-4, "gb_per_s": 0.04, "raw_median_s": 5e-5,
+           "raw_p90_s": 6e-5, "raw_gb_per_s": 0.08, "slowdown": 2.0, "floor_median_s": 6e-5, "over_floor": 1.67}
+    plain = bench.format_table([row])
+    assert "curve" not in plain
+    with_curve = bench.format_table([{**row, "curve_median_s": 1.5e-4, "curve_p90_s": 3e-4,
+                                      "curve_over_plain": 1.5}]).splitlines()
+    assert with_curve[0].split()[-4:] == ["curve", "p90", "ms", "curve/plain"]
+    assert with_curve[1].split()[-3:] == ["0.150", "0.300", "1.50"]
 
 
 def test_failure_mid_run_still_reaps(started, monkeypatch):

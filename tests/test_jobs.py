@@ -238,13 +238,16 @@ def test_scheduler_address_from_environment(procs, tmp_path):
     assert result.returncode != 0 and "no scheduler address" in result.stderr
 
 
-def test_failed_job_reports_its_reason(procs, tmp_path):
+def test_failed_job_reports_its_reason(procs, tmp_path, monkeypatch):
+    # the worker's data root (through the variable its process inherits) holds no such file: said plainly
+    monkeypatch.setenv("PSCLUSTER_DATA_ROOTS", str(tmp_path))
     addr = start_cluster(procs, tmp_path, workers=1)
     path = job_file(tmp_path, workers=1, data={"source": f"npz:{tmp_path}/nothing.npz"})
     result = run_psctl("submit", path, "--scheduler", addr, "--wait", "--json", timeout=WAIT_S)
     assert result.returncode == 1
     summary = json.loads(result.stdout)
     assert summary["status"] == "failed" and "nothing.npz" in summary["error"]
+    assert "found no such file" in summary["error"] and "outside" not in summary["error"]
 
 
 def scrape(port: int) -> str:

@@ -89,10 +89,12 @@ def test_run_writes_the_loss_curve(tmp_path):
 def test_run_of_a_failing_job_exits_nonzero_and_leaves_nothing(tmp_path):
     state = tmp_path / "state"
     job = write_job(tmp_path, data={"source": f"npz:{tmp_path}/absent.npz"})
-    result = run_psctl("run", job, "--json", "--state-dir", str(state), timeout=180)
+    result = run_psctl("run", job, "--json", "--state-dir", str(state), "--data-root", str(tmp_path), timeout=180)
     assert result.returncode == 1
     summary = json.loads(result.stdout)
+    # --data-root reached the workers: the file is looked for inside it, and reported missing
     assert summary["status"] == "failed" and "absent.npz" in summary["error"]
+    assert "found no such file" in summary["error"]
     assert processes_mentioning(str(state), scheduler_addr(result.stderr)) == []
 
 
@@ -132,3 +134,44 @@ def test_run_with_a_bad_file_is_one_sentence(tmp_path):
     result = run_psctl("run", str(tmp_path / "none.yaml"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "none.yaml" in result.stderr
+
+
+def test_run_with_curve_secures_every_daemon(tmp_path):
+    """`--curve`: fresh keys per role, every daemon announces CURVE, and a client without keys gets no answer."""
+    from protocol.messages import Status
+    from worker.client import CurveKeys
+    from worker.local_cluster import LocalCluster
+    from worker.sched_client import SchedulerClient, SchedulerUnavailable
+
+    cluster = LocalCluster(str(tmp_path))
+    try:
+        keys = cluster.make_keys(str(tmp_path / "keys"))
+        assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["admin", "scheduler", "server", "worker"]
+        assert oct((tmp_path / "keys" / "admin" / "admin.key_secret").stat().st_mode & 0o777) == "0o600"
+        addr, client = cluster.boot(1, [[]], curve_dir=keys)
+        try:
+            assert [child.ready["curve"] for _name, child in cluster.children] == [True, True, True]
+            assert len(client.request(Status()).body["servers"]) == 1  # the admin key is let in
+            assert CurveKeys.load(keys, "worker").identity.name == "worker"
+            assert next(child for name, child in cluster.children if name == "worker-0").ready["worker"] \
+                .startswith("worker")
+            plain = SchedulerClient(addr, timeout_s=1.0, retries=0)
+            with pytest.raises(SchedulerUnavailable):
+                plain.request(Status())  # plaintext to a CURVE socket: no handshake, no answer
+            plain.close()
+        finally:
+            client.close()
+    finally:
+        cluster.stop()
+
+
+def test_psctl_run_curve_trains_to_success(tmp_path):
+    state = tmp_path / "state"
+    result = run_psctl("run", write_job(tmp_path, steps=40), "--curve", "--json", "--state-dir", str(state),
+                       timeout=180)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "succeeded" and summary["steps_done"] == 2 * 40
+    assert "(CURVE)" in result.stderr
+    assert (state / "keys" / "worker" / "worker.key_secret").exists()
+    assert processes_mentioning(str(state), scheduler_addr(result.stderr)) == []

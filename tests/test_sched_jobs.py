@@ -299,6 +299,20 @@ def test_a_shard_registering_again_elsewhere_takes_its_jobs_along():
     assert d.heartbeat("w1", job).body["shards"] == [sd.SHARDS[0], "tcp://127.0.0.9:7100"]
 
 
+def test_an_evicted_server_cannot_take_its_id_back_but_a_restart_at_its_address_can():
+    d = sd.Driver(shards=())
+    assert d.ask("s", Register(role="server", addr="tcp://h:7000", shard=0, info={"instance": "first"})).body[
+        "shard"] == 0
+    assert d.ask("admin", Evict(shard=0)).body == {"shard": 0, "addr": "tcp://h:7000"}
+    # the evicted process itself, still alive and heartbeating, is refused its id ...
+    again = d.ask("s", Register(role="server", addr="tcp://h:7000", shard=0, info={"instance": "first"}))
+    sd.assert_error(again, "bad_state", "evicted by an admin")
+    assert d.m.servers == {}
+    # ... while a new process at the same address (a restarted pod keeps its name) is let in
+    restarted = d.ask("s", Register(role="server", addr="tcp://h:7000", shard=0, info={"instance": "second"}))
+    assert isinstance(restarted, Ok) and d.m.servers[0].info["instance"] == "second"
+
+
 # --- what these tests found in the first version of the machine (fixed since) ------------------------------
 
 

@@ -35,7 +35,8 @@ class WorkerDaemon:
     """One worker process. `serve()` blocks until `stop()` (or SIGTERM via the CLI)."""
 
     def __init__(self, scheduler: str, device, *, worker_id: str | None = None, ctx: zmq.Context | None = None,
-                 slowdown: float = 1.0, max_tasks: int | None = None, keys: CurveKeys | None = None):
+                 slowdown: float = 1.0, max_tasks: int | None = None, keys: CurveKeys | None = None,
+                 data_roots: tuple[str, ...] = ()):
         self.scheduler = scheduler
         self.device = device
         # With CURVE the id starts with the key's name: shards and the scheduler check that it does.
@@ -47,7 +48,7 @@ class WorkerDaemon:
         to_scheduler = keys.to(keys.scheduler) if keys else None
         self.sched = SchedulerClient(scheduler, ctx=self.ctx, worker=self.worker, keys=to_scheduler)
         self.heartbeat = HeartbeatThread(scheduler, self.worker, ctx=self.ctx, keys=to_scheduler)
-        self.data = DataCache()
+        self.data = DataCache(roots=data_roots)  # idx:/npz: only under these (none: built-in sources only)
         self.metrics = MetricsRegistry()
         self._stopping = threading.Event()
 

@@ -182,28 +182,50 @@ class LocalCluster:
             raise ClusterError(f"{name} did not start (see {self.log_dir}/{name}.log): "
                                f"{self.log_tail(name)}") from None
 
-    def boot(self, servers: int, worker_args: list[list[str]]):
+    def boot(self, servers: int, worker_args: list[list[str]], *, curve_dir: str | None = None):
         """Start a scheduler, `servers` shards and one worker per entry of `worker_args`.
 
-        Returns (scheduler address, a SchedulerClient to it); the workers
-        start only once every shard has registered, so jobs are planned
-        over all of them.
+        With `curve_dir` (see make_keys) every daemon runs with CURVE and
+        the returned client holds the admin key. Returns (scheduler
+        address, a SchedulerClient to it); the workers start only once
+        every shard has registered, so jobs are planned over all of them.
         """
+        from worker.client import CurveKeys
         from worker.sched_client import SchedulerClient
 
-        addr = self.start("scheduler", "scheduler", "--state-dir", os.path.join(self.log_dir, "scheduler"))["addr"]
+        curve = ["--curve-dir", curve_dir] if curve_dir else []
+        addr = self.start("scheduler", "scheduler", "--state-dir", os.path.join(self.log_dir, "scheduler"),
+                          *curve)["addr"]
         for k in range(servers):
             self.start(f"server-{k}", "server", "--shard-id", str(k), "--scheduler", addr,
-                       "--bind", "tcp://127.0.0.1:0")
-        client = SchedulerClient(addr, timeout_s=5.0, retries=2)
+                       "--bind", "tcp://127.0.0.1:0", *curve)
+        keys = None
+        if curve_dir:
+            admin = CurveKeys.load(curve_dir, "admin")
+            keys = admin.to(admin.scheduler)
+        client = SchedulerClient(addr, timeout_s=5.0, retries=2, keys=keys)
         try:
             _wait_for_servers(client, servers)
             for i, args in enumerate(worker_args):
-                self.start(f"worker-{i}", "worker", "--scheduler", addr, *args)
+                self.start(f"worker-{i}", "worker", "--scheduler", addr, *curve, *args)
         except BaseException:
             client.close()
             raise
         return addr, client
+
+    def make_keys(self, directory: str) -> str:
+        """One CURVE key per role (scheduler, server, worker, admin) in `directory`, made by `psctl keys generate`.
+
+        Returns `directory`, for boot(curve_dir=...).
+        """
+        for role in ("scheduler", "server", "worker", "admin"):
+            done = subprocess.run([sys.executable, "-m", "ps.cli", "keys", "generate", directory, "--role", role],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(),
+                                  timeout=READY_TIMEOUT_S)
+            if done.returncode != 0:
+                raise ClusterError(f"cannot make the {role} key in {directory}: "
+                                   f"{done.stderr.decode(errors='replace').strip()}")
+        return directory
 
     @property
     def pids(self) -> list[int]:

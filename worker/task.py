@@ -93,16 +93,22 @@ class Holding:
 
 
 class DataCache:
-    """Datasets by (source, seed, test_fraction): a worker loads each once."""
+    """Datasets by (source, seed, test_fraction): a worker loads each once.
 
-    def __init__(self):
+    `roots` are the worker's data roots (--data-root): idx: and npz: paths
+    outside them fail the job with a DataError (fatal) before any file is
+    opened; the default, no roots, allows only the built-in sources.
+    """
+
+    def __init__(self, roots: tuple[str, ...] = ()):
+        self.roots = tuple(roots)
         self._sets: dict[tuple, tuple] = {}
 
     def get(self, data_spec: dict, seed: int):
         key = (data_spec["source"], seed, data_spec["test_fraction"])
         if key not in self._sets:
             self._sets.clear()  # keep one: datasets can be large
-            self._sets[key] = load_dataset(data_spec, seed=seed)
+            self._sets[key] = load_dataset(data_spec, seed=seed, roots=self.roots)
         return self._sets[key]
 
 

@@ -39,8 +39,9 @@ def authorize(identity: Identity | None, msg) -> None:
     else:
         return
     if identity.role != need:
-        raise ProtocolError(ErrorCode.FORBIDDEN, f"'{op}' from {identity.user_id} refused: it needs a {need} key",
-                            rid=msg.rid)
+        article = "an" if need == "admin" else "a"
+        raise ProtocolError(ErrorCode.FORBIDDEN,
+                            f"'{op}' from {identity.user_id} refused: it needs {article} {need} key", rid=msg.rid)
     if need == "worker" and not identity.owns_worker_id(msg.worker):
         raise ProtocolError(ErrorCode.FORBIDDEN, f"'{op}' from {identity.user_id} refused: worker id "
                             f"{msg.worker!r:.60} is not one its key owns", rid=msg.rid)

@@ -15,6 +15,7 @@ from typing import Any
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import MAX_STEPS, MAX_WORKERS
+from protocol.plan import MAX_DIMS, MAX_NAME_CHARS, MAX_TENSORS
 
 # Free-form facts a daemon registers with (host, pid, device): kept short.
 MAX_INFO_KEYS = 16
@@ -23,9 +24,6 @@ MAX_INFO_CHARS = 128
 MAX_SHARD_JOBS = 10_000
 MAX_CLOCKS = 4096
 MAX_ERROR_CHARS = 500
-MAX_TENSORS = 100_000
-MAX_NAME_CHARS = 256
-MAX_SHARDS = 4096
 
 _TCP = re.compile(r"tcp://([A-Za-z0-9_.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})")
 _IPC = re.compile(r"ipc://[^\x00-\x20]{1,193}")
@@ -140,7 +138,7 @@ def tensors(raw: Any, rid: int) -> list[tuple[str, tuple[int, ...], str]]:
     out = []
     for item in raw:
         ok = (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-              and 0 < len(item[0]) <= MAX_NAME_CHARS and isinstance(item[1], list) and len(item[1]) <= 8
+              and 0 < len(item[0]) <= MAX_NAME_CHARS and isinstance(item[1], list) and len(item[1]) <= MAX_DIMS
               and all(_int(d, 0, 2**40) is not None for d in item[1]) and item[2] in ALLOWED_DTYPES)
         if not ok:
             raise bad(f"state.tensors: {item!r:.80} is not a [name, shape, dtype] entry", rid)

@@ -35,6 +35,7 @@ from protocol.jobstate import FINAL_STATES
 from protocol.keys import Identity
 from protocol.messages import Checkpoint, Error, Membership, Ok
 from protocol.metrics import MetricsRegistry
+from protocol.plan import MAX_SHARDS
 from ps.sched import checks
 from ps.sched.auth import authorize
 from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Tick
@@ -111,6 +112,9 @@ class SchedulerState(Placement, Reports, Views):
         self.next_seq = max((r.seq for r in records), default=0) + 1
         self.runs: dict[str, JobRun] = {}
         self.servers: dict[int, ServerPeer] = {}
+        # shard -> (address, instance) an admin evicted: that process may not take the id back
+        # (a server restarted at the same address is another instance and may).
+        self.evicted: dict[int, tuple[str, str]] = {}
         self.workers: dict[str, WorkerPeer] = {}
         self.calls: dict[int, tuple] = {}          # call id -> (kind, job, shard index, epoch)
         self._call_ids = itertools.count(1)
@@ -199,11 +203,15 @@ class SchedulerState(Placement, Reports, Views):
         msg, now = req.msg, req.now
         if msg.role == "server":
             addr = checks.server_address(msg.addr, msg.rid)
-            if not -1 <= msg.shard < checks.MAX_SHARDS:
-                raise checks.bad(f"shard must be -1 (any) or an id in 0..{checks.MAX_SHARDS - 1}", msg.rid)
+            if not -1 <= msg.shard < MAX_SHARDS:
+                raise checks.bad(f"shard must be -1 (any) or an id in 0..{MAX_SHARDS - 1}", msg.rid)
             shard = msg.shard if msg.shard >= 0 else next(k for k in range(len(self.servers) + 1)
                                                            if k not in self.servers)
             old = self.servers.get(shard)
+            info = checks.info(msg.info)
+            if self.evicted.get(shard) == (addr, info.get("instance", "")):
+                raise ProtocolError(ErrorCode.BAD_STATE, f"shard {shard} at {addr} was evicted by an admin: "
+                                    "restart that server to bring it back", rid=msg.rid)
             if old is not None and old.addr != addr:
                 # A live shard keeps its id: a second server may take it once the first is declared
                 # dead (silent for the heartbeat timeout) or an admin evicted it (psctl evict-shard).
@@ -211,8 +219,7 @@ class SchedulerState(Placement, Reports, Views):
                                     "start this server once that one is declared dead, or evict it "
                                     f"(psctl evict-shard {shard})", rid=msg.rid)
             key = self.public_key(req.identity) if req.identity is not None else None
-            self.servers[shard] = ServerPeer(shard, addr, now, checks.info(msg.info), identity=req.identity,
-                                             key=key or "")
+            self.servers[shard] = ServerPeer(shard, addr, now, info, identity=req.identity, key=key or "")
             log.info("server registered", extra={"shard": shard, "addr": addr})
             self._shard_came_back(shard, addr, out)
         elif msg.role == "worker":
@@ -407,6 +414,7 @@ class SchedulerState(Placement, Reports, Views):
         peer = self.servers.pop(req.msg.shard, None)
         if peer is None:
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no live shard {req.msg.shard}", rid=req.msg.rid)
+        self.evicted[peer.shard] = (peer.addr, peer.info.get("instance", ""))
         log.warning("shard evicted", extra={"shard": peer.shard, "addr": peer.addr})
         self._ok(out, req, {"shard": peer.shard, "addr": peer.addr})
 

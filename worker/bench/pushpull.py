@@ -23,15 +23,27 @@ median / raw median; 1.0 would mean no overhead at all. over_floor = our
 median / the floor's: what the machinery costs beyond the work itself.
 Ours, raw and the floor take turns call by call, so machine noise hits
 all three alike.
+
+With `curve=True` a second set of S shards runs with CURVE on (`--curve-dir`
+on a throwaway key dir that LocalCluster.make_keys makes with `psctl keys
+generate` in the run's temporary folder, removed afterwards), and our client calls them as a worker key would, in the
+same rounds as the rest: each row gains curve_median_s (and its p90) and
+curve_over_plain = CURVE median / plain median, the cost of authentication
+and encryption on the wire. Both sets of shards are set up the way the
+scheduler sets up a job (a scheduler-role client creates the table and sends
+the membership that names the bench's worker id), so the two differ only in
+CURVE.
 """
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
-from worker.local_cluster import LocalCluster
+from worker.local_cluster import ClusterError, LocalCluster
 
 OPS = ("push", "pull", "push_pull")
 DEFAULT_SIZES_BYTES = (4 * 1024, 1024**2, 16 * 1024**2)
@@ -49,6 +61,8 @@ REQUEST_TIMEOUT_S = 30.0
 # parameters finite and ordinary.
 GRAD_VALUE = 1e-3
 LEARNING_RATE = 1e-3
+# The bench's worker id: with --curve its key is LocalCluster.make_keys's "worker", whose ids start "worker-".
+WORKER_ID = "worker-bench"
 
 COLUMNS = (  # (header, row key, format)
     ("op", "op", "{}"),
@@ -62,6 +76,11 @@ COLUMNS = (  # (header, row key, format)
     ("slowdown", "slowdown", "{:.2f}"),
     ("floor ms", "floor_median_s", "ms"),
     ("over floor", "over_floor", "{:.2f}"),
+)
+CURVE_COLUMNS = (  # added with --curve
+    ("curve ms", "curve_median_s", "ms"),
+    ("curve p90 ms", "curve_p90_s", "ms"),
+    ("curve/plain", "curve_over_plain", "{:.2f}"),
 )
 
 
@@ -107,8 +126,12 @@ def _timed_rounds(fns: list, *, repeat: int | None, min_time_s: float) -> list[l
     return times
 
 
-def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> list[dict]:
-    """One row per op for the table `plan` describes (created already through `client`)."""
+def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, curve_client=None) -> list[dict]:
+    """One row per op for the table `plan` describes (created already through `client`).
+
+    With `curve_client` (the same table on the CURVE shards), its calls take
+    turns with the others and each row gains its figures.
+    """
     import numpy as np
 
     from worker.bench.raw_echo import filled
@@ -130,10 +153,16 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> 
         "pull": lambda: client.pull(out=outs),
         "push_pull": lambda: client.push_pull(grads, out=outs),
     }
+    curve = None if curve_client is None else {
+        "push": lambda: curve_client.push(grads),
+        "pull": lambda: curve_client.pull(out=outs),
+        "push_pull": lambda: curve_client.push_pull(grads, out=outs),
+    }
     moved = {"push": size, "pull": size, "push_pull": 2 * size}  # payload bytes sent + received
     rows = []
     for op in OPS:
-        t_ours, t_raw, t_floor = _timed_rounds([ours[op], raw[op], floor[op]], repeat=repeat, min_time_s=min_time_s)
+        fns = [ours[op], raw[op], floor[op]] + ([curve[op]] if curve is not None else [])
+        t_ours, t_raw, t_floor, *t_curve = _timed_rounds(fns, repeat=repeat, min_time_s=min_time_s)
         median, p90 = _quantiles(t_ours)
         raw_median, raw_p90 = _quantiles(t_raw)
         floor_median, floor_p90 = _quantiles(t_floor)
@@ -146,6 +175,13 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float) -> 
             "slowdown": median / raw_median,
             "over_floor": median / floor_median,
         })
+        if t_curve:
+            curve_median, curve_p90 = _quantiles(t_curve[0])
+            rows[-1].update({
+                "curve_median_s": curve_median, "curve_p90_s": curve_p90,
+                "curve_gb_per_s": moved[op] / curve_median / 1e9,
+                "curve_over_plain": curve_median / median,
+            })
     return rows
 
 
@@ -171,22 +207,76 @@ def _floor_call(echo, sends: dict[int, list], outs: dict[int, list]) -> None:
             np.copyto(dst, np.frombuffer(frame.buffer, np.uint8))
 
 
+@dataclass(frozen=True)
+class BenchKeys:
+    """The throwaway CURVE keys of a --curve run: the scheduler's and the worker's pairs, the shards' public key."""
+
+    dir: str
+    scheduler: tuple[str, str]
+    worker: tuple[str, str]
+    server: str
+
+
+def load_keys(directory: str) -> BenchKeys:
+    """The bench's keys from a dir LocalCluster.make_keys made (one key per role, named after it)."""
+    from protocol.keys import Identity, KeyFileError, KeyRing
+
+    try:
+        ring = KeyRing(directory)
+        _, *scheduler = ring.own("scheduler")
+        _, *worker = ring.own("worker")
+        return BenchKeys(directory, tuple(scheduler), tuple(worker), ring.public[Identity("server", "server")])
+    except (KeyFileError, KeyError) as exc:
+        raise ClusterError(f"the bench's keys in {directory} are not usable: {exc}") from None
+
+
+def start_shards(children: LocalCluster, servers: int, keys: BenchKeys | None) -> list[str]:
+    """S shard processes on loopback (with CURVE when `keys`), no scheduler; their addresses."""
+    prefix, curve_dir = ("curve-server", keys.dir) if keys else ("server", "")  # "": off, whatever the env says
+    return [children.start(f"{prefix}-{k}", "server", "--bind", "tcp://127.0.0.1:0", "--shard-id", str(k),
+                           "--log-level", "warning", "--curve-dir", curve_dir)["addr"] for k in range(servers)]
+
+
+def open_table(addrs: list[str], plan, job: str, arrays: dict, keys: BenchKeys | None):
+    """Set up `job` on the shards as the scheduler would, and return the bench's ParamClient for it.
+
+    A client with the scheduler's key creates the table and sends the
+    membership that names WORKER_ID (CURVE shards take `create` and
+    `membership` only from the scheduler, pushes only from members); the
+    returned client then speaks as that worker, with the worker's key.
+    """
+    from protocol.messages import Membership
+    from worker.client import ParamClient
+
+    shard_keys = [keys.server] * len(addrs) if keys else []
+    common = {"timeout_s": REQUEST_TIMEOUT_S, "retries": 0, "shard_keys": shard_keys}
+    with ParamClient(addrs, plan, job=job, worker="scheduler", curve=keys.scheduler if keys else None,
+                     **common) as control:
+        control.create(arrays, optimizer={"kind": "sgd", "lr": LEARNING_RATE})
+        # No public call sends a membership (the scheduler's own calls live in ps/): the client's engine does.
+        control._exchange({k: Membership(**control._common(k, -1), epoch=1, workers={WORKER_ID: -1})
+                           for k in range(len(addrs))})
+    return ParamClient(addrs, plan, job=job, worker=WORKER_ID, curve=keys.worker if keys else None, **common)
+
+
 def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, repeat: int | None,
-              min_time_s: float, children: LocalCluster) -> list[dict]:
-    """Start the processes into `children`, measure every size, return the rows (children left running)."""
+              min_time_s: float, children: LocalCluster, keys: BenchKeys | None = None) -> list[dict]:
+    """Start the processes into `children`, measure every size, return the rows (children left running).
+
+    With `keys`, S more shards run with CURVE and every row gains its figures.
+    """
     import numpy as np
 
     from protocol.buffers import keep_freed_buffers
     from protocol.plan import make_plan
     from worker.bench.raw_echo import EchoClient
-    from worker.client import ParamClient
 
     # This process is the client of both ours and raw: it reuses freed
     # receive buffers for both, as every shard and echo server does.
     keep_freed_buffers()
 
-    addrs = [children.start(f"server-{k}", "server", "--bind", "tcp://127.0.0.1:0", "--shard-id", str(k),
-                            "--log-level", "warning")["addr"] for k in range(servers)]
+    addrs = start_shards(children, servers, None)
+    curve_addrs = start_shards(children, servers, keys) if keys else None
     raw_addrs = [children.start(f"echo-{k}", "--bind", "tcp://127.0.0.1:0", module="worker.bench.raw_echo")["addr"]
                  for k in range(servers)]
     rows = []
@@ -196,11 +286,15 @@ def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: 
             count = size // 4
             shapes = {f"t{i:03d}": (count // tensors + (1 if i < count % tensors else 0),) for i in range(tensors)}
             plan = make_plan({name: (shape, "float32") for name, shape in shapes.items()}, servers, partition_bytes)
-            with ParamClient(addrs, plan, job=f"bench-{size}", worker="bench", timeout_s=REQUEST_TIMEOUT_S,
-                             retries=0) as client:
-                client.create({name: np.zeros(shape, np.float32) for name, shape in shapes.items()},
-                              optimizer={"kind": "sgd", "lr": LEARNING_RATE})
-                rows.extend(bench_size(client, echo, plan, repeat=repeat, min_time_s=min_time_s))
+            initial = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+            job = f"bench-{size}"
+            with open_table(addrs, plan, job, initial, None) as client:
+                if curve_addrs is None:
+                    rows.extend(bench_size(client, echo, plan, repeat=repeat, min_time_s=min_time_s))
+                    continue
+                with open_table(curve_addrs, plan, job, initial, keys) as curve_client:
+                    rows.extend(bench_size(client, echo, plan, repeat=repeat, min_time_s=min_time_s,
+                                           curve_client=curve_client))
     finally:
         echo.close()
     return rows
@@ -227,22 +321,26 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Rows as an aligned text table (text left, numbers right)."""
-    cells = [[_cell(row, key, fmt) for _, key, fmt in COLUMNS] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(COLUMNS)]
+    """Rows as an aligned text table (text left, numbers right); CURVE columns when the rows have them."""
+    columns = COLUMNS + (CURVE_COLUMNS if rows and "curve_median_s" in rows[0] else ())
+    cells = [[_cell(row, key, fmt) for _, key, fmt in columns] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(columns)]
 
     def line(values: list[str]) -> str:
         pairs = enumerate(zip(values, widths, strict=True))
         return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in pairs)
 
-    return "\n".join([line([h for h, _, _ in COLUMNS]), *(line(c) for c in cells)])
+    return "\n".join([line([h for h, _, _ in columns]), *(line(c) for c in cells)])
 
 
-def describe(servers: int, partition_bytes: int, tensors: int) -> str:
+def describe(servers: int, partition_bytes: int, tensors: int, curve: bool = False) -> str:
     """The line above the table: what was measured against what."""
-    return (f"servers: {servers}  partition: {human_size(partition_bytes)}  tensors: {tensors}  "
+    line = (f"servers: {servers}  partition: {human_size(partition_bytes)}  tensors: {tensors}  "
             f"transport: tcp (127.0.0.1)  raw: pyzmq zero-copy request/reply of the same frames  "
             f"floor: raw + numpy update on the server + copy into the client's arrays")
+    if curve:
+        line += f"  curve: the same calls to {servers} more shard(s) with CURVE on (curve/plain: median over median)"
+    return line
 
 
 # --- the whole run ----------------------------------------------------------------
@@ -259,18 +357,21 @@ def check_sizes(sizes: list[int], tensors: int, partition_bytes: int) -> None:
 
 
 def run(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, repeat: int | None,
-        min_time_s: float) -> list[dict]:
+        min_time_s: float, curve: bool = False) -> list[dict]:
     """Start S shards and S echo servers, measure every size, stop and reap them all; the rows.
 
-    Raises ValueError for sizes `check_sizes` refuses (before anything
-    starts) and ClusterError when a process does not start.
+    With `curve`, also S shards with CURVE on, their keys generated in the
+    run's temporary folder (removed with it). Raises ValueError for sizes
+    `check_sizes` refuses (before anything starts) and ClusterError when a
+    process does not start.
     """
     check_sizes(sizes, tensors, partition_bytes)
     log_dir = tempfile.mkdtemp(prefix="psctl-bench-")
     children = LocalCluster(log_dir)
     try:
+        keys = load_keys(children.make_keys(os.path.join(log_dir, "keys"))) if curve else None
         return run_bench(servers, sizes, partition_bytes=partition_bytes, tensors=tensors, repeat=repeat,
-                         min_time_s=min_time_s, children=children)
+                         min_time_s=min_time_s, children=children, keys=keys)
     finally:
         children.stop()
         shutil.rmtree(log_dir, ignore_errors=True)

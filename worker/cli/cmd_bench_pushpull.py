@@ -27,15 +27,20 @@ from worker.cli.common import as_usage_error, sizes_option
               help="Timed calls per figure (each of ours and raw); overrides --min-time.")
 @click.option("--min-time", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               metavar="SECONDS", help="Timed seconds per op and size, ours and raw together.")
+@click.option("--curve", is_flag=True,
+              help="Also time the same calls with CURVE on (throwaway keys), and print CURVE over plain.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes: int, repeat: int | None,
-             min_time: float, as_json: bool) -> None:
+             min_time: float, curve: bool, as_json: bool) -> None:
     """Time push, pull and push_pull through S shard processes against raw pyzmq.
 
     GB/s counts payload bytes sent plus received; slowdown is our median
     over the raw median of the same bytes, measured in the same run; over
     floor is our median over raw plus the least numpy work those bytes need
     (a one-pass update on the server, one copy into the client's arrays).
+    With --curve, S more shards run with CURVE authentication and
+    encryption, called in the same rounds: curve/plain is their median over
+    ours without CURVE.
     """
     from worker.bench import pushpull as bench
     from worker.local_cluster import ClusterError
@@ -44,12 +49,14 @@ def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes
     as_usage_error(bench.check_sizes, sizes, tensors, partition_bytes)
     try:
         rows = bench.run(servers, sizes, partition_bytes=partition_bytes, tensors=tensors, repeat=repeat,
-                         min_time_s=min_time)
+                         min_time_s=min_time, curve=curve)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         facts = {"servers": servers, "partition_bytes": partition_bytes, "tensors": tensors, "transport": "tcp"}
+        if curve:
+            facts["curve"] = True
         click.echo(json.dumps({**facts, "results": rows}))
         return
-    click.echo(bench.describe(servers, partition_bytes, tensors))
+    click.echo(bench.describe(servers, partition_bytes, tensors, curve))
     click.echo(bench.format_table(rows))

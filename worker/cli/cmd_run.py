@@ -4,7 +4,10 @@ Starts a scheduler, S servers and W workers as local processes
 (worker/local_cluster.py: each in its own process group, each told to die
 with this process on Linux), submits the job, shows the progress bar,
 prints the summary and stops every process it started: on success, on
-failure, and on Ctrl-C or SIGTERM.
+failure, and on Ctrl-C or SIGTERM. Its workers are workers like any other:
+they read a job's idx:/npz: data only under the `--data-root` directories
+given here (or PSCLUSTER_DATA_ROOTS, which they inherit); see
+worker/data/roots.py.
 """
 from __future__ import annotations
 
@@ -33,7 +36,13 @@ from worker.views.report import job_summary, print_summary
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the loss curve to this PNG file.")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help="Keep the scheduler's state and the logs here (default: a temporary directory, removed).")
-def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir):
+@click.option("--data-root", "data_roots", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="Passed to every worker: a directory the job's idx:/npz: data may be read from (repeatable; "
+                   "without it the workers use PSCLUSTER_DATA_ROOTS, else only the built-in sources).")
+@click.option("--curve", is_flag=True,
+              help="Run every daemon with CURVE: fresh keys for each role in the state directory (README.md, "
+                   "\"Security\").")
+def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir, data_roots, curve):
     """Run JOB_FILE on a local cluster started for it; exits 0 if the job succeeded."""
     from protocol.messages import Submit
     from worker.local_cluster import ClusterError, LocalCluster
@@ -49,11 +58,13 @@ def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir):
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        addr, client = cluster.boot(servers, [["--device", device]] * workers)
+        worker_args = ["--device", device, *(arg for root in data_roots for arg in ("--data-root", root))]
+        curve_dir = cluster.make_keys(os.path.join(state_dir, "keys")) if curve else None
+        addr, client = cluster.boot(servers, [worker_args] * workers, curve_dir=curve_dir)
         job = _call(client, Submit(spec=spec, submission_id=uuid.uuid4().hex))["job"]
         if not quiet:
-            click.echo(f"local cluster: scheduler {addr}, {servers} server(s), {workers} worker(s); job {job}",
-                       err=True)
+            click.echo(f"local cluster: scheduler {addr}{' (CURVE)' if curve else ''}, {servers} server(s), "
+                       f"{workers} worker(s); job {job}", err=True)
         body = wait_for(client, job, show=not quiet, plot=plot)
         status = body["state"]
         print_summary(job_summary(body), as_json=as_json)

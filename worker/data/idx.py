@@ -10,11 +10,13 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from worker.data.base import ArrayDataset, DataError, split_holdout
+from worker.data.roots import PathGuard
 
 # IDX dtype code -> big-endian numpy dtype
 IDX_DTYPES = {
@@ -91,9 +93,9 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
         path.write_bytes(body)
 
 
-def _find(directory: Path, stem: str) -> Path | None:
+def _find(directory: Path, stem: str, guard: PathGuard) -> Path | None:
     for name in (stem, stem + ".gz"):
-        p = directory / name
+        p = guard.member(directory / name)  # a symlink out of the roots is refused before it is stat'ed
         if p.is_file():
             return p
     return None
@@ -123,21 +125,24 @@ def _load_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
     return images[:, None, :, :], labels, scale
 
 
-def load_idx_dir(directory: str | Path, *, test_fraction: float, seed: int):
+def load_idx_dir(directory: str | Path, *, test_fraction: float, seed: int, roots: Sequence[str] | None = None):
     """(train, test) from the MNIST files in `directory` (each plain or .gz).
 
     The t10k pair, when present, is the test split; otherwise a seeded
-    `test_fraction` of the training files is held out.
+    `test_fraction` of the training files is held out. `roots`: see
+    worker.data.roots (None: any path; otherwise the directory and each file
+    read in it must lie inside one of them).
     """
-    d = Path(directory).expanduser()
+    guard = PathGuard(f"idx:{directory}", roots)
+    d = guard.resolve(str(directory))
     if not d.is_dir():
         raise DataError(f"data source idx:{directory}: expected a directory of MNIST IDX files, "
                         f"found {'a file' if d.exists() else 'nothing'} at {d}")
-    tr_img, tr_lab = _find(d, TRAIN_IMAGES), _find(d, TRAIN_LABELS)
+    tr_img, tr_lab = _find(d, TRAIN_IMAGES, guard), _find(d, TRAIN_LABELS, guard)
     for stem, found in ((TRAIN_IMAGES, tr_img), (TRAIN_LABELS, tr_lab)):
         if found is None:
             raise DataError(f"data source idx:{directory}: expected {stem} (or {stem}.gz) in {d}, found no such file")
-    te_img, te_lab = _find(d, TEST_IMAGES), _find(d, TEST_LABELS)
+    te_img, te_lab = _find(d, TEST_IMAGES, guard), _find(d, TEST_LABELS, guard)
     if (te_img is None) != (te_lab is None):
         have, missing = (TEST_IMAGES, TEST_LABELS) if te_lab is None else (TEST_LABELS, TEST_IMAGES)
         raise DataError(f"data source idx:{directory}: expected {missing} (or .gz) next to {have} in {d}, "

@@ -7,13 +7,16 @@
     synthetic:n=N,k=v,...     seeded Gaussian clusters, generated lazily (keys below)
 
 `parse_source` checks a string's syntax without touching any file;
-`load_dataset` returns the (train, test) pair for a normalized `data:` dict.
+`load_dataset` returns the (train, test) pair for a normalized `data:` dict,
+reading idx: and npz: paths only under the data roots it is given
+(worker/data/roots.py; a worker's --data-root).
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 import worker
 from worker.data.base import ArrayDataset, DataError, Dataset, split_holdout
 from worker.data.idx import load_idx_dir
+from worker.data.roots import PathGuard
 from worker.data.synthetic import (
     DEFAULT_CLASSES,
     DEFAULT_FEATURES,
@@ -167,14 +171,16 @@ def _npz_features(path: Path, key: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def load_npz(path_str: str, *, test_fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
+def load_npz(path_str: str, *, test_fraction: float, seed: int,
+             roots: Sequence[str] | None = None) -> tuple[ArrayDataset, ArrayDataset]:
     """(train, test) from a .npz with x, y and optionally x_test, y_test, num_classes.
 
     uint8 features are scaled to [0, 1] (pixels); other dtypes are used as
     stored. Without x_test/y_test a seeded `test_fraction` is held out.
-    Never unpickles: object arrays are refused.
+    Never unpickles: object arrays are refused. `roots`: see worker.data.roots
+    (None: any path; otherwise the path must lie inside one of them).
     """
-    path = Path(path_str).expanduser()
+    path = PathGuard(f"npz:{path_str}", roots).resolve(path_str)
     if not path.is_file():
         raise DataError(f"data source npz:{path_str}: expected a .npz file, found no such file at {path}")
     try:
@@ -249,12 +255,16 @@ def _synthetic(parsed: dict, *, test_fraction: float, seed: int) -> tuple[Datase
             SyntheticDataset(n_test, offset=n, name="synthetic (test)", **common))
 
 
-def load_dataset(data_spec: dict, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_dataset(data_spec: dict, *, seed: int = 0,
+                 roots: Sequence[str] | None = None) -> tuple[Dataset, Dataset]:
     """(train, test) for the normalized `data:` dict of a job spec.
 
     `seed` is the job seed: it fixes the held-out split (digits, npz, idx
     without t10k) and the synthetic stream unless the source names its own.
-    Raises DataError with one sentence on any problem with the source.
+    `roots` are the directories idx: and npz: paths must lie in (a worker's
+    --data-root; an empty tuple: built-in sources only); None reads any path
+    (train-local). Raises DataError with one sentence on any problem with the
+    source, a path outside the roots included (worker.data.roots).
     """
     source = data_spec.get("source")
     test_fraction = float(data_spec.get("test_fraction", 0.2))
@@ -263,7 +273,7 @@ def load_dataset(data_spec: dict, *, seed: int = 0) -> tuple[Dataset, Dataset]:
     if scheme == "sklearn":
         return split_holdout(load_digits(), test_fraction, seed=seed)
     if scheme == "idx":
-        return load_idx_dir(parsed["path"], test_fraction=test_fraction, seed=seed)
+        return load_idx_dir(parsed["path"], test_fraction=test_fraction, seed=seed, roots=roots)
     if scheme == "npz":
-        return load_npz(parsed["path"], test_fraction=test_fraction, seed=seed)
+        return load_npz(parsed["path"], test_fraction=test_fraction, seed=seed, roots=roots)
     return _synthetic(parsed, test_fraction=test_fraction, seed=seed)
