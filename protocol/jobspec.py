@@ -20,8 +20,10 @@ number of classes).
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +48,9 @@ MAX_STEPS = 10**9
 class SpecError(ValueError):
     """A job file field is wrong: `path` names it, the message says why."""
 
-    def __init__(self, path: str, expected: str, found: Any, *, message: str | None = None):
+    def __init__(self, path: str, expected: str, found: Any, *, message: str | None = None, hint: str = ""):
         shown = _show(found)
-        super().__init__(message or f"{path}: expected {expected}, found {shown}")
+        super().__init__(message or f"{path}: expected {expected}, found {shown}{hint}")
         self.path = path
         self.expected = expected
         self.found = shown
@@ -64,20 +66,41 @@ def _show(value: Any) -> str:
 _MISSING = object()
 
 
+def _closest(word: Any, options) -> str | None:
+    """The one of `options` closest to `word` when it is close enough (difflib), else None."""
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 # --- field checkers: each returns the normalized value or raises SpecError ---
+# Each carries `allowed`: what it accepts, in the words of its error message
+# and of README's defaults table (`defaults_table` below).
+
+def _allowing(text: str):
+    """Decorator: set a checker's `allowed` text."""
+    def mark(check):
+        check.allowed = text
+        return check
+    return mark
+
 
 def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, Any], int]:
+    expected = "an integer" + _range_text(lo, hi, whole=True)
+
+    @_allowing(expected)
     def check(path: str, v: Any) -> int:
-        bounds = _range_text(lo, hi, whole=True)
         if isinstance(v, float) and math.isfinite(v) and v == int(v):
             v = int(v)  # 5e2 is how people write 500
         if not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise SpecError(path, f"an integer{bounds}", v)
+            raise SpecError(path, expected, v)
         return v
     return check
 
 
 def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    expected = "a number" + _range_text(lo, hi, lo_open, hi_open)
+
+    @_allowing(expected)
     def check(path: str, v: Any) -> float:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if ok and lo is not None:
@@ -85,11 +108,12 @@ def _num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = Fa
         if ok and hi is not None:
             ok = v < hi if hi_open else v <= hi
         if not ok:
-            raise SpecError(path, "a number" + _range_text(lo, hi, lo_open, hi_open), v)
+            raise SpecError(path, expected, v)
         return float(v)
     return check
 
 
+@_allowing("true or false")
 def _bool(path: str, v: Any) -> bool:
     if not isinstance(v, bool):
         raise SpecError(path, "true or false", v)
@@ -97,13 +121,18 @@ def _bool(path: str, v: Any) -> bool:
 
 
 def _choice(options: tuple[str, ...]):
+    expected = "one of " + ", ".join(options)
+
+    @_allowing(expected)
     def check(path: str, v: Any) -> str:
         if not isinstance(v, str) or v not in options:
-            raise SpecError(path, "one of " + ", ".join(options), v)
+            close = _closest(v, options) if isinstance(v, str) else None
+            raise SpecError(path, expected, v, hint=f" (did you mean {close}?)" if close else "")
         return v
     return check
 
 
+@_allowing("a list of positive integers (at most 64)")
 def _int_list(path: str, v: Any) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
         raise SpecError(path, "a list of positive integers", v)
@@ -112,6 +141,8 @@ def _int_list(path: str, v: Any) -> list[int]:
     return list(v)
 
 
+@_allowing("sklearn:digits, idx:DIR (MNIST files), npz:PATH (arrays x, y), "
+           "synthetic:n=N,features=F,classes=C (lazy, any size)")
 def _source(path: str, v: Any) -> str:
     if not isinstance(v, str) or ":" not in v or v.split(":", 1)[0] not in DATA_SCHEMES or not v.split(":", 1)[1]:
         raise SpecError(path, "a source like sklearn:digits, idx:DIR, npz:PATH or synthetic:n=N,...", v)
@@ -120,6 +151,7 @@ def _source(path: str, v: Any) -> str:
     return v
 
 
+@_allowing("letters, digits, '.', '_' or '-' (at most 64, starting alphanumeric)")
 def _name(path: str, v: Any) -> str:
     if not isinstance(v, str) or not NAME_RE.fullmatch(v):
         raise SpecError(path, "a name of letters, digits, '.', '_' or '-' (at most 64, starting alphanumeric)", v)
@@ -128,6 +160,7 @@ def _name(path: str, v: Any) -> str:
 
 def _opt(check):
     """`check`, but null is allowed (and kept as None)."""
+    @_allowing(f"{check.allowed}, or null")
     def wrapped(path: str, v: Any):
         return None if v is None else check(path, v)
     return wrapped
@@ -148,69 +181,75 @@ def _range_text(lo, hi, lo_open: bool = False, hi_open: bool = False, *, whole: 
 
 @dataclass(frozen=True)
 class Field:
-    """One key of a section: its checker and default (_MISSING = required)."""
+    """One key of a section: its checker, default (_MISSING = required) and what it means (README's table)."""
 
     check: Callable[[str, Any], Any]
     default: Any = _MISSING
+    doc: str = ""
 
 
 SCHEDULE = {
-    "kind": Field(_choice(SCHEDULES), "constant"),
-    "warmup_steps": Field(_int(0), 0),
-    "step_size": Field(_int(1), 100),
-    "gamma": Field(_num(0, 1, lo_open=True), 0.1),   # (0, 1]: a step schedule never grows the lr
-    "total_steps": Field(_int(0), 0),
-    "min_lr": Field(_num(0), 0.0),                    # and at most optimizer.lr (below)
+    "kind": Field(_choice(SCHEDULES), "constant", "the learning-rate schedule"),
+    "warmup_steps": Field(_int(0), 0, "linear warm-up, for every kind"),
+    "step_size": Field(_int(1), 100, "step: lr * gamma ** (step // step_size)"),
+    "gamma": Field(_num(0, 1, lo_open=True), 0.1,   # (0, 1]: a step schedule never grows the lr
+                   "step: the factor"),
+    "total_steps": Field(_int(0), 0, "cosine: decay length (0: the job's steps)"),
+    "min_lr": Field(_num(0), 0.0, "cosine: floor, at most optimizer.lr"),
 }
 
 OPTIMIZER = {
-    "kind": Field(_choice(OPTIMIZERS), "sgd"),
-    "lr": Field(_num(0, lo_open=True), 0.1),
-    "momentum": Field(_num(0, 1, hi_open=True), 0.9),
-    "nesterov": Field(_bool, False),
-    "beta1": Field(_num(0, 1, hi_open=True), 0.9),
-    "beta2": Field(_num(0, 1, hi_open=True), 0.999),
-    "eps": Field(_num(0, lo_open=True), 1e-8),
-    "rho": Field(_num(0, 1, hi_open=True), 0.9),
-    "weight_decay": Field(_num(0), 0.0),
-    "clip_norm": Field(_num(0), 0.0),
-    "staleness_aware": Field(_bool, False),
+    "kind": Field(_choice(OPTIMIZERS), "sgd", "runs on the servers (ps/optim.py)"),
+    "lr": Field(_num(0, lo_open=True), 0.1, "learning rate"),
+    "momentum": Field(_num(0, 1, hi_open=True), 0.9, "momentum"),
+    "nesterov": Field(_bool, False, "momentum only"),
+    "beta1": Field(_num(0, 1, hi_open=True), 0.9, "adam"),
+    "beta2": Field(_num(0, 1, hi_open=True), 0.999, "adam"),
+    "eps": Field(_num(0, lo_open=True), 1e-8, "adam, adagrad, rmsprop"),
+    "rho": Field(_num(0, 1, hi_open=True), 0.9, "rmsprop"),
+    "weight_decay": Field(_num(0), 0.0, "L2, added to the gradient"),
+    "clip_norm": Field(_num(0), 0.0, "clip by the global norm of each pushed gradient (0: off)"),
+    "staleness_aware": Field(_bool, False, "ASP/SSP: lr / max(1, staleness) (Zhang et al. 2016); false under bsp"),
     "schedule": SCHEDULE,
 }
 
 MODEL = {
-    "kind": Field(_choice(MODEL_KINDS)),
-    "hidden": Field(_int_list, [128]),  # the same for both kinds (README)
-    "activation": Field(_choice(ACTIVATIONS), "relu"),
-    "dropout": Field(_num(0, 1, hi_open=True), 0.0),
-    "batchnorm": Field(_bool, False),
-    "init": Field(_choice(INITS), "he"),
-    "channels": Field(_int_list, [8, 16]),
-    "kernel": Field(_int(1, 15), 3),  # odd for a cnn (below)
+    "kind": Field(_choice(MODEL_KINDS), doc="the network"),
+    "hidden": Field(_int_list, [128],  # the same for both kinds (README)
+                    "dense widths (after the conv stack for cnn)"),
+    "activation": Field(_choice(ACTIVATIONS), "relu", "after each hidden layer"),
+    "dropout": Field(_num(0, 1, hi_open=True), 0.0, "after each hidden dense layer"),
+    "batchnorm": Field(_bool, False, "after each hidden dense (and conv) layer, before the activation"),
+    "init": Field(_choice(INITS), "he", "initial weights"),
+    "channels": Field(_int_list, [8, 16], "cnn: conv3x3 'same' -> [bn] -> act -> maxpool2, per stage"),
+    "kernel": Field(_int(1, 15), 3, "cnn: odd kernel size"),  # odd for a cnn (below)
 }
 
 DATA = {
-    "source": Field(_source),
-    "batch_size": Field(_int(1, 1 << 20), 32),
-    "test_fraction": Field(_num(0, 1, lo_open=True, hi_open=True), 0.2),
-    "micro_batches": Field(_int(1, 1024), 1),
+    "source": Field(_source, doc="where the examples come from (idx: and npz: under a worker's data roots)"),
+    "batch_size": Field(_int(1, 1 << 20), 32, "per partition and step"),
+    "test_fraction": Field(_num(0, 1, lo_open=True, hi_open=True), 0.2,
+                           "held-out split (idx uses its t10k files when present)"),
+    "micro_batches": Field(_int(1, 1024), 1, "gradient accumulation; must divide batch_size"),
 }
 
 CONSISTENCY = {
-    "policy": Field(_choice(POLICIES), "asp"),
-    "staleness": Field(_int(0, 1_000_000), 3),
+    "policy": Field(_choice(POLICIES), "asp", "when a shard applies pushes (README.md, \"Semantics\")"),
+    "staleness": Field(_int(0, 1_000_000), 3, "ssp: the bound s"),
 }
 
 JOB = {
-    "name": Field(_name, "job"),
-    "seed": Field(_int(0, 2**32 - 1), 0),
-    "workers": Field(_int(1, MAX_WORKERS), 1),
-    "steps": Field(_opt(_int(1, MAX_STEPS)), None),
-    "epochs": Field(_opt(_num(0, 1_000_000, lo_open=True)), None),
-    "target_accuracy": Field(_opt(_num(0, 1, lo_open=True)), None),
-    "eval_every": Field(_int(0, MAX_STEPS), 0),
-    "checkpoint_every": Field(_int(0, MAX_STEPS), 0),
-    "partition_bytes": Field(_int(1024, 1 << 30), DEFAULT_PARTITION_BYTES),
+    "name": Field(_name, "job", "the job id is NAME-N"),
+    "seed": Field(_int(0, 2**32 - 1), 0, "initial weights, dropout masks, test split, data order"),
+    "workers": Field(_int(1, MAX_WORKERS), 1, "data partitions (any number of workers shares them)"),
+    "steps": Field(_opt(_int(1, MAX_STEPS)), None, "per partition; exactly one of steps and epochs"),
+    "epochs": Field(_opt(_num(0, 1_000_000, lo_open=True)), None,
+                    "passes over each partition's own data; exactly one of steps and epochs"),
+    "target_accuracy": Field(_opt(_num(0, 1, lo_open=True)), None,
+                             "stop early once the evaluated test accuracy reaches it"),
+    "eval_every": Field(_int(0, MAX_STEPS), 0, "evaluate every N steps (0: once per epoch of a partition)"),
+    "checkpoint_every": Field(_int(0, MAX_STEPS), 0, "servers checkpoint every N versions (0: off)"),
+    "partition_bytes": Field(_int(1024, 1 << 30), DEFAULT_PARTITION_BYTES, "largest slice of a tensor on one shard"),
     "model": MODEL,
     "data": DATA,
     "optimizer": OPTIMIZER,
@@ -252,15 +291,22 @@ _RULES: dict[str, Callable[[dict], None]] = {
 }
 
 
-def _section(path: str, schema: dict, raw: Any) -> dict:
-    if not isinstance(raw, Mapping):
-        raise SpecError(path or "job", "a mapping of fields", raw)
+def _known_fields(path: str, schema: dict, raw: Mapping) -> None:
+    """SpecError for the first field of `raw` that `schema` does not have, with the closest known one."""
     unknown = sorted(str(k) for k in raw if k not in schema)
     if unknown:
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         known = ", ".join(schema)
+        close = _closest(unknown[0], schema)
+        guess = f"did you mean {close}? " if close else ""
         raise SpecError(where, f"one of the known fields ({known})", unknown[0],
-                        message=f"{where}: unknown field (known fields here: {known})")
+                        message=f"{where}: unknown field ({guess}known fields here: {known})")
+
+
+def _section(path: str, schema: dict, raw: Any) -> dict:
+    if not isinstance(raw, Mapping):
+        raise SpecError(path or "job", "a mapping of fields", raw)
+    _known_fields(path, schema, raw)
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         where = f"{path}.{key}" if path else key
@@ -323,6 +369,7 @@ def validate_job(raw: Any) -> dict:
     """
     if not isinstance(raw, Mapping):
         raise SpecError("job", "a mapping of fields (model, data, optimizer, ...)", raw)
+    _known_fields("", JOB, raw)  # a misspelt `modle:` is named as such, not as a missing model
     for required in ("model", "data"):
         if raw.get(required) is None:
             raise SpecError(required, "a section", _MISSING)
@@ -407,3 +454,51 @@ def min_param_bytes(spec: dict) -> int:
         width = hidden
     count += width * MIN_CLASSES + MIN_CLASSES
     return count * PARAM_BYTES
+
+
+# --- README's table of every field, from the schema above ----------------------------------------
+
+def _shown_default(value: Any) -> str:
+    """A default as it is written in a job file (YAML)."""
+    if value is _MISSING:
+        return "*required*"
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, list):
+        return f"`[{', '.join(map(str, value))}]`"
+    return f"`{value!r}`" if isinstance(value, float) else f"`{value}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _rows(path: str, schema: dict) -> list[str]:
+    rows = []
+    for key, spec in schema.items():
+        where = f"{path}.{key}" if path else key
+        if isinstance(spec, dict):
+            rows += _rows(where, spec)
+        else:
+            rows.append(f"| `{where}` | {_shown_default(spec.default)} | {_cell(spec.check.allowed)} | "
+                        f"{_cell(spec.doc)} |")
+    return rows
+
+
+def defaults_table() -> str:
+    """Every field of a job file with its default, what it accepts and what it means: markdown rows.
+
+    Made from the Field objects the validator uses, so README's table (between its
+    `<!-- defaults:begin -->` and `<!-- defaults:end -->` markers) cannot drift from them;
+    print it with `python -m protocol.jobspec --markdown` (or `make readme-defaults`).
+    """
+    head = ["| field | default | allowed | meaning |", "|---|---|---|---|"]
+    return "\n".join(head + _rows("", JOB)) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m protocol.jobspec --markdown  (prints README's table of job-file fields)")
+    sys.stdout.write(defaults_table())

@@ -305,6 +305,17 @@ class Export(Message):
     OP: ClassVar[str] = "export"
 
 
+@dataclass(frozen=True, kw_only=True)
+class Logs(Message):
+    """Ask for a job's events (`psctl logs`): those numbered above `after`, at most `limit` (0: the
+    scheduler's page size). The answer's body: events [{seq, ts, kind, text, ...facts}], `next` (the
+    `after` of the next page) and the job's `state`."""
+
+    OP: ClassVar[str] = "logs"
+    after: int = 0
+    limit: int = 0
+
+
 # --- replies ------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,7 +343,7 @@ KINDS: dict[str, type[Message]] = {
     cls.OP: cls
     for cls in (
         Create, Load, Pull, Push, PushPull, Membership, Stats, Checkpoint, Drop, Shutdown,
-        Register, Heartbeat, Assign, Report, Submit, Status, Cancel, List, Export, Evict,
+        Register, Heartbeat, Assign, Report, Submit, Status, Cancel, List, Export, Evict, Logs,
         Ok, Error,
     )
 }

@@ -1,27 +1,40 @@
-"""Serve a daemon's metrics at http://HOST:PORT/metrics from a daemon thread."""
+"""Serve a daemon's exporter (/metrics, /healthz: protocol/metrics.py) from a daemon thread.
+
+The same application on the same server class as worker/metrics_http.py
+(ps/ and worker/ may not import each other, and protocol/ opens no sockets).
+"""
 from __future__ import annotations
 
-import http.server
+import logging
+import socket
 import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from protocol.metrics import MetricsRegistry
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from protocol.metrics import Health, MetricsRegistry, exporter_app
+
+log = logging.getLogger("pscluster.metrics")
 
 
-def serve_metrics(registry: MetricsRegistry, port: int, host: str = "127.0.0.1") -> http.server.ThreadingHTTPServer:
-    """Start the exporter in a daemon thread; returns the server (its port in .server_address)."""
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # scrapes are not news
+        pass
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            body = registry.render().encode()
-            self.send_response(200 if self.path.startswith("/metrics") else 404)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *args) -> None:  # scrapes are not news
-            pass
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
+
+def serve_metrics(registry: MetricsRegistry, health: Health, port: int, host: str = "127.0.0.1"):
+    """Serve the exporter on host:port (0: a free one) from a daemon thread.
+
+    Returns the server (its port in .server_port); raises OSError.
+    """
+    bare = host.strip("[]")
+    server = make_server(bare, port, exporter_app(registry, health), handler_class=_Quiet,
+                         server_class=_Server6 if ":" in bare else ThreadingWSGIServer)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    url = f"http://{f'[{bare}]' if ':' in bare else bare}:{server.server_port}"
+    log.info("exporter serving", extra={"metrics": f"{url}/metrics", "healthz": f"{url}/healthz"})
     return server

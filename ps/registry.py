@@ -44,6 +44,18 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 _META_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+# Each job's history (`psctl logs`): what the scheduler decided and saw, in order.
+_EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq   INTEGER PRIMARY KEY AUTOINCREMENT,
+    job   TEXT NOT NULL,
+    ts    REAL NOT NULL,
+    kind  TEXT NOT NULL,
+    text  TEXT NOT NULL,
+    facts TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events (job, seq);
+"""
 _JSON_COLUMNS = ("spec", "tensors", "nonlearned", "plan", "shards", "progress", "result")
 _COLUMNS = ("id", "seq", "name", "state", "spec", "tensors", "nonlearned", "submitted", "started", "finished",
             "plan", "shards", "progress", "result", "error", "submission_id")
@@ -62,6 +74,7 @@ class JobStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute(_SCHEMA)
         self.db.execute(_META_SCHEMA)
+        self.db.executescript(_EVENTS_SCHEMA)
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(jobs)")}
         if "submission_id" not in columns:  # a store from before idempotent submits
             self.db.execute("ALTER TABLE jobs ADD COLUMN submission_id TEXT NOT NULL DEFAULT ''")
@@ -115,6 +128,29 @@ class JobStore:
         values = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in fields.items()]
         with self.db:
             self.db.execute(f"UPDATE jobs SET {', '.join(cols)} WHERE id = ?", (*values, job_id))
+
+
+    def add_events(self, notes: list) -> None:
+        """Append job events (ps/sched/events.py `Note`s) in one transaction."""
+        if not notes:
+            return
+        with self.db:
+            self.db.executemany("INSERT INTO events (job, ts, kind, text, facts) VALUES (?, ?, ?, ?, ?)",
+                                [(n.job, n.ts, n.kind, n.text, json.dumps(n.facts, default=str)) for n in notes])
+
+    def events(self, job: str, after: int, limit: int) -> list[dict]:
+        """Job `job`'s events numbered above `after`, oldest first, at most `limit`."""
+        rows = self.db.execute("SELECT seq, ts, kind, text, facts FROM events WHERE job = ? AND seq > ? "
+                               "ORDER BY seq LIMIT ?", (job, after, limit))
+        out = []
+        for row in rows:
+            try:
+                facts = json.loads(row["facts"])
+            except ValueError:
+                facts = {}
+            out.append({**(facts if isinstance(facts, dict) else {}), "seq": row["seq"], "ts": row["ts"],
+                        "kind": row["kind"], "text": row["text"]})
+        return out
 
 
 def _record(row: sqlite3.Row) -> JobRecord:

@@ -20,12 +20,13 @@ from collections.abc import Callable
 import zmq
 
 from protocol.codec import encode
+from protocol.jobstate import FINAL_STATES
 from protocol.keys import ServerKeys
-from protocol.messages import KINDS
+from protocol.messages import KINDS, Ok
 from protocol.metrics import MetricsRegistry
 from ps.registry import JobStore
 from ps.router import RouterDaemon
-from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
+from ps.sched.events import CallShard, Note, Persist, ReadNotes, Reply, Request, ShardAnswer, Stop, Tick
 from ps.sched.state import HEARTBEAT_TIMEOUT_S, MAX_FAILURES, SchedulerState
 from ps.shard_calls import ShardCalls
 from ps.transport import bind_router, stop_authenticator
@@ -61,7 +62,7 @@ class Scheduler(RouterDaemon):
         self.keys = keys
         self.sock, self.endpoint = bind_router(self.ctx, bind, keys)
         self.links = ShardCalls(self.ctx, keys)
-        self.metrics = metrics or MetricsRegistry()
+        self.metrics = metrics or MetricsRegistry("scheduler")
         self.now = clock
         self.stopping = False
         self.state = SchedulerState(
@@ -104,6 +105,7 @@ class Scheduler(RouterDaemon):
 
     def _perform(self, instructions: list) -> None:
         """Carry out the machine's instructions in order; a failed write stops the replies after it."""
+        self.store.add_events([inst for inst in instructions if isinstance(inst, Note)])  # one transaction
         for inst in instructions:
             if isinstance(inst, Reply):
                 self._send(inst.peer, encode(inst.msg))
@@ -115,5 +117,11 @@ class Scheduler(RouterDaemon):
                     self.store.insert(inst.fields)
                 else:
                     self.store.update(inst.job, inst.fields)
+                if inst.fields.get("state") in FINAL_STATES:
+                    self.metrics.forget_job(inst.job)  # a job's series end with it
+            elif isinstance(inst, ReadNotes):
+                events = self.store.events(inst.job, inst.after, inst.limit)
+                body = {"events": events, "next": events[-1]["seq"] if events else inst.after, "state": inst.state}
+                self._send(inst.peer, encode(Ok(rid=inst.rid, job=inst.job, body=body)))
             elif isinstance(inst, Stop):
                 self.stopping = True

@@ -15,6 +15,11 @@ socket and calls `on_readable()` and `tick(now)`:
   passed in, so tests move it by hand.
 - `on_readable()` reads the scheduler's answers: a new interval is
   adopted, `reregister` (a restarted scheduler that forgot us) registers again.
+  The first answer to a registration makes the link `registered` and calls
+  `on_registered` (the shard becomes healthy and says READY then); until
+  it comes, `tick` logs a warning naming the scheduler every
+  UNREGISTERED_WARN_EVERY_S, and the beats (answered with `reregister`
+  once the scheduler is there) keep registering.
 
 Sockets come from ps/transport.py; nothing here blocks except `claim`.
 """
@@ -28,7 +33,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from protocol.codec import decode, decode_ok, encode
+from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.keys import ClientKeys
 from protocol.messages import Error, Heartbeat, Message, Ok, Register
@@ -48,6 +53,10 @@ MAX_HEARTBEAT_INTERVAL_S = 60.0
 CLAIM_TIMEOUT_S = 30.0
 # Longest single wait inside `claim`, so the deadline is checked often.
 CLAIM_POLL_MS = 100
+# Not registered yet (the scheduler silent, or refusing): a warning after this
+# long, then one every UNREGISTERED_WARN_EVERY_S (seconds) while it lasts.
+UNREGISTERED_WARN_AFTER_S = 2.0
+UNREGISTERED_WARN_EVERY_S = 10.0
 
 
 @dataclass(eq=False)
@@ -70,8 +79,14 @@ class SchedulerLink:
     # This process, told apart from a restart at the same address: the scheduler
     # bars an evicted (address, instance) from its id, not the address.
     instance: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    on_registered: Callable[[], None] | None = None  # called once: the scheduler answered a registration
+    registered: bool = False
+    refused: str = ""                           # the scheduler's last refusal of a registration
     _last_beat: float | None = field(default=None, repr=False)
     _rid: int = field(default=0, repr=False)
+    _register_rid: int = field(default=0, repr=False)
+    _waiting_since: float | None = field(default=None, repr=False)
+    _warned_at: float | None = field(default=None, repr=False)
 
     # --- socket ---
 
@@ -97,10 +112,10 @@ class SchedulerLink:
 
     def register(self) -> int:
         """Announce this shard (id or -1, address, jobs held); returns the request id."""
-        return self._send(Register(role="server", addr=self.advertise,
-                                   shard=-1 if self.shard is None else self.shard,
-                                   info={"host": pysocket.gethostname(), "instance": self.instance,
-                                         "jobs": sorted(self.jobs())}))
+        self._register_rid = self._send(Register(
+            role="server", addr=self.advertise, shard=-1 if self.shard is None else self.shard,
+            info={"host": pysocket.gethostname(), "instance": self.instance, "jobs": sorted(self.jobs())}))
+        return self._register_rid
 
     def claim(self, timeout_s: float = CLAIM_TIMEOUT_S, *, clock: Callable[[], float] = time.monotonic) -> int:
         """Register without an id and wait up to `timeout_s` for the one the scheduler gives.
@@ -111,6 +126,7 @@ class SchedulerLink:
         rid = self.register()
         deadline = clock() + timeout_s
         while (left := deadline - clock()) > 0:
+            self._warn_unregistered(clock())
             if not self.sock.poll(max(1, min(CLAIM_POLL_MS, int(left * 1000)))):
                 continue
             try:
@@ -127,6 +143,7 @@ class SchedulerLink:
                 self.shard = shard
                 self._adopt(reply.body)
                 log.info("shard id assigned", extra={"shard": shard})
+                self._registered()
                 return shard
         raise RuntimeError(f"the scheduler at {self.addr} did not assign a shard id within {timeout_s:g}s")
 
@@ -140,6 +157,29 @@ class SchedulerLink:
         self.next_beat = now + self.interval_s
         self._send(Heartbeat(role="server", state={"shard": self.shard, "addr": self.advertise,
                                                    "jobs": self.jobs()}))
+        if not self.registered:
+            self._warn_unregistered(now)
+
+    def _registered(self) -> None:
+        if not self.registered:
+            self.registered = True
+            self.refused = ""
+            log.info("registered", extra={"shard": self.shard, "scheduler": self.addr, "addr": self.advertise})
+            if self.on_registered is not None:
+                self.on_registered()
+
+    def _warn_unregistered(self, now: float) -> None:
+        """A bounded-rate warning while the scheduler has not answered a registration."""
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._waiting_since < UNREGISTERED_WARN_AFTER_S or (
+                self._warned_at is not None and now - self._warned_at < UNREGISTERED_WARN_EVERY_S):
+            return
+        self._warned_at = now
+        extra = {"scheduler": self.addr, "waited_s": round(now - self._waiting_since, 1)}
+        if self.refused:
+            extra["refused"] = self.refused
+        log.warning("not registered with the scheduler yet; still trying", extra=extra)
 
     def set_interval(self, seconds) -> bool:
         """Beat every `seconds` (held to the bounds) from the last beat on; False if it is not a number."""
@@ -163,9 +203,18 @@ class SchedulerLink:
             drain(self.sock, self._on_answer)
 
     def _on_answer(self, frames: list) -> None:
-        reply = decode_ok(frames)
-        if reply is None:
+        try:
+            reply = decode(frames)
+        except ProtocolError:
             return
+        if isinstance(reply, Error):
+            if reply.rid == self._register_rid:
+                self.refused = f"{reply.code}: {reply.message}"[:200]
+            return
+        if not isinstance(reply, Ok):
+            return
+        if reply.rid == self._register_rid:
+            self._registered()
         self._adopt(reply.body)
         if reply.body.get("reregister"):
             self.register()

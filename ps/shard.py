@@ -15,12 +15,14 @@ Constructing a shard binds its socket and nothing else. `start()` (called
 by `serve()` if the caller did not) claims a shard id from the scheduler when
 none was given, restores checkpoints and registers; everything said to the
 scheduler goes through the shard's SchedulerLink (ps/scheduler_link.py).
+The shard is ready (`on_ready` is called, once, from its loop) when the
+scheduler has answered its registration, or when it serves if it has no
+scheduler.
 """
 from __future__ import annotations
 
 import logging
 import os
-import socket as pysocket
 import time
 from collections.abc import Callable
 
@@ -38,6 +40,7 @@ from protocol.validate import check_job_id, check_payload, check_sids
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
 from ps import checkpoint
 from ps.access import SHARD_ALLOWED, check_member, check_read
+from ps.hosts import advertised_endpoint
 from ps.optim import make_optimizer
 from ps.policy import Accumulate, Answer, Apply, ApplyMean, Duplicate, Park, Policy, Refuse, Release, make_policy
 from ps.router import RouterDaemon
@@ -46,9 +49,6 @@ from ps.table import JobTable
 from ps.transport import bind_router, stop_authenticator
 
 log = logging.getLogger("pscluster.server")
-
-# Upper bounds of the staleness histogram (in versions).
-STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 # Bounds on what a request may ask a shard to hold or loop over.
@@ -91,12 +91,18 @@ class Shard(RouterDaemon):
         self.ctx = ctx or zmq.Context.instance()
         self.keys = keys
         self.sock, self.endpoint = bind_router(self.ctx, bind, keys)
-        self.advertise = advertise or _advertised(self.endpoint)
+        try:  # ps/hosts.py: --advertise, else the bound address, else DMLC_NODE_HOST/DMLC_INTERFACE/route/name
+            self.advertise = advertised_endpoint(self.endpoint, advertise=advertise, scheduler=scheduler,
+                                                 bound=self.endpoint)
+        except RuntimeError:
+            self.sock.close(0)
+            stop_authenticator(self.ctx)
+            raise
         self.checkpoint_dir = checkpoint_dir
         self.max_message_bytes = max_message_bytes
         # Parameters and optimizer state this shard agrees to hold, all jobs together (0: no limit).
         self.max_table_bytes = default_max_table_bytes() if max_table_bytes is None else max_table_bytes
-        self.metrics = registry or MetricsRegistry()
+        self.metrics = registry or MetricsRegistry("server")
         self.now = clock
         self.tables: dict[str, JobTable] = {}
         self.pending_membership: dict[str, Membership] = {}   # for tables not created yet
@@ -109,6 +115,7 @@ class Shard(RouterDaemon):
                                   jobs=self._job_summaries,
                                   keys=keys.client(keys.ring.scheduler_key()) if keys else None) if scheduler else None
         self._started = False
+        self.on_ready: Callable[[], None] | None = None  # called once from the loop: registered, or serving
         self.ops = {
             "create": self.on_create, "load": self.on_load, "pull": self.on_pull, "push": self.on_push,
             "push_pull": self.on_push_pull, "membership": self.on_membership, "stats": self.on_stats,
@@ -149,7 +156,15 @@ class Shard(RouterDaemon):
         link_sock = self.link.connect() if self.link is not None else None
         others = {link_sock: self.link.on_readable} if link_sock is not None else {}
         log.info("serving", extra={"shard": self.shard_id, "addr": self.endpoint})
+        if self.link is None or self.link.registered:
+            self._ready()
+        else:
+            self.link.on_registered = self._ready
         self._serve_loop(lambda: others)
+
+    def _ready(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
 
     def stop(self) -> None:
         self.stopping = True
@@ -244,6 +259,8 @@ class Shard(RouterDaemon):
     def on_drop(self, envelope: list, msg) -> None:
         table = self.tables.pop(msg.job, None)
         self.pending_membership.pop(msg.job, None)
+        self._staleness_hists.pop(msg.job, None)
+        self.metrics.forget_job(msg.job)  # its series end with its table
         if table is not None:
             for token in [t for t in self.parked if t[0] == msg.job]:
                 env, req, _sids = self.parked.pop(token)
@@ -362,8 +379,7 @@ class Shard(RouterDaemon):
                 table.record_staleness(action.staleness)
                 hist = self._staleness_hists.get(table.job)
                 if hist is None:  # looked up once per job: the labelled lookup sorts labels each time
-                    hist = self._staleness_hists[table.job] = self.metrics.histogram(
-                        "staleness", STALENESS_BUCKETS, job=table.job)
+                    hist = self._staleness_hists[table.job] = self.metrics.histogram("staleness", job_id=table.job)
                 hist.observe(action.staleness)
             elif isinstance(action, Accumulate):
                 _env, msg, _ = requests[action.push]
@@ -497,10 +513,3 @@ def _plan_or_error(msg) -> Plan:
         return Plan.from_wire(msg.plan)
     except ProtocolError as exc:
         raise ProtocolError(exc.code, exc.message, rid=msg.rid) from None
-
-
-def _advertised(endpoint: str) -> str:
-    """The address peers should use: a wildcard bind is advertised by host name."""
-    if "0.0.0.0" in endpoint:
-        return endpoint.replace("0.0.0.0", pysocket.gethostname())
-    return endpoint

@@ -17,7 +17,7 @@ from protocol.messages import (
     Status,
     Submit,
 )
-from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Tick
+from ps.sched.events import CallShard, Note, Persist, Reply, Request, ShardAnswer, Tick
 from ps.sched.state import SchedulerState
 
 TIMEOUT = 3.0                                   # heartbeat_timeout_s of every machine here
@@ -76,6 +76,8 @@ class Driver:
         self.rids = itertools.count(1)
         self.pending: list[CallShard] = []
         self.log: list = []                     # every instruction, in order
+        self.notes: list[Note] = []             # the job events noted (kept apart: tests of the other
+                                                # instructions compare exact lists)
         self.shard_ids = list(range(len(shards)))
         for k, addr in enumerate(shards):
             ok = self.ask(f"server{k}", Register(role="server", addr=addr, shard=k))
@@ -84,9 +86,15 @@ class Driver:
     def handle(self, event) -> list:
         out = self.m.handle(event)
         assert isinstance(out, list)
+        self.notes += [i for i in out if isinstance(i, Note)]
+        out = [i for i in out if not isinstance(i, Note)]
         self.pending += [i for i in out if isinstance(i, CallShard)]
         self.log += out
         return out
+
+    def events(self, job: str) -> list[str]:
+        """The kinds of job `job`'s events so far, in order."""
+        return [n.kind for n in self.notes if n.job == job]
 
     def send(self, peer, msg) -> list:
         if not msg.rid:

@@ -29,7 +29,7 @@ from protocol.errors import ErrorCode
 from protocol.jobstate import FINAL_STATES, JobState
 from protocol.messages import Assign, Cancel, Error, Heartbeat, Membership, Ok, Register, Report, Status, Submit
 from protocol.partitions import partition_key
-from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Stop, Tick
+from ps.sched.events import CallShard, Note, Persist, Reply, Request, ShardAnswer, Stop, Tick
 from ps.sched.jobs import SUCCEEDED
 from ps.sched.state import SchedulerState
 
@@ -108,6 +108,7 @@ class World:
         self.internal_errors: list[str] = []
         self.stopped = False
         self.replies: dict = {}                        # peer -> the newest reply it got
+        self.notes: dict[str, list[str]] = {}          # job -> the kinds of its events, in order
         for k, addr in enumerate(SHARD_ADDRS):
             self.send(("server", k), Register(role="server", addr=addr, shard=k))
 
@@ -124,6 +125,8 @@ class World:
                 self.calls.append(inst)
             elif isinstance(inst, Stop):
                 self.stopped = True
+            elif isinstance(inst, Note):
+                self.notes.setdefault(inst.job, []).append(inst.kind)
             else:
                 assert isinstance(inst, Persist), inst
 
@@ -343,6 +346,13 @@ class World:
             rank = JobState(record.state).rank
             assert rank >= self.rank.get(job, 0), f"{job} moved back to {record.state}"
             self.rank[job] = rank
+            kinds = self.notes.get(job, [])
+            # Its history starts with the submission and says once how it ended, as its last word
+            # (`psctl logs`): an ended run notes "ended"; a job cancelled while queued, "cancelled".
+            assert kinds[:1] == ["submitted"], f"{job}'s history starts with {kinds[:1]}"
+            if record.state in FINAL_STATES and job not in m.runs:
+                assert kinds.count("ended") <= 1 and kinds[-1] in ("ended", "cancelled"), \
+                    f"{job} is {record.state} but its history ends with {kinds[-3:]}"
             if record.state == SUCCEEDED and record.result.get("stopped_by") != "target":
                 owed = [p["steps"] for p in record.result["partitions"]]
                 done = self.ledger.get(job, {})

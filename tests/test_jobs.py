@@ -280,8 +280,8 @@ def test_every_daemon_serves_metrics(procs, tmp_path):
     assert metric(server_page, "pscluster_bytes_received_total") > 0
     assert "pscluster_staleness_bucket" in server_page
     worker_page = scrape(worker.ready["metrics_port"])
-    assert metric(worker_page, "pscluster_steps_total") == 40
-    assert 0.0 < metric(worker_page, "pscluster_test_accuracy") <= 1.0
+    # Typed; its per-job series end with its part in the job (tests/test_metrics.py follows them).
+    assert "# TYPE pscluster_steps_total counter" in worker_page
     sched_page = scrape(sched.ready["metrics_port"])
     assert metric(sched_page, "pscluster_jobs_submitted_total") == 1
     assert metric(sched_page, "pscluster_jobs_finished_total") == 1

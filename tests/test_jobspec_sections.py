@@ -41,10 +41,18 @@ def job(**sections) -> dict:
 
 
 def readme_sections() -> dict:
-    """The sections of README's "The job file" block: every field with its default."""
+    """The sections of README's "The job file" table: every field with its default (a required one: REQUIRED's)."""
     text = README.read_text(encoding="utf-8")
-    block = re.search(r"```yaml\n(.*?)```", text[text.index("## The job file"):], re.S).group(1)
-    raw = yaml.load(block, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    block = re.search(r"<!-- defaults:begin -->\n(.*?)<!-- defaults:end -->", text, re.S).group(1)
+    raw: dict = {}
+    for row in block.splitlines()[2:]:
+        path, default = (cell.strip() for cell in row.split(" | ")[:2])
+        *outer, key = path.strip("|` ").split(".")
+        into = raw
+        for name in outer:
+            into = into.setdefault(name, {})
+        into[key] = (REQUIRED[outer[0]][key] if default == "*required*"
+                     else yaml.load(default.strip("`"), Loader=_Loader))  # noqa: S506 - a SafeLoader subclass
     return {name: raw[name] for name in SECTIONS}
 
 

@@ -332,8 +332,9 @@ def test_a_live_shards_id_is_not_taken_until_an_admin_evicts_it(procs, tmp_path,
 
     first = procs.server(0, "--scheduler", addr, *curve)
     wait_until(lambda: servers() == [(0, first.ready["addr"])], timeout=30, what="the first shard registered")
-    second = procs.server(0, "--scheduler", addr, *curve)
-    assert second.ready["addr"] != first.ready["addr"]
+    # READY means registered, so the second is not ready while the first holds the id
+    second = procs.start("server", "--bind", "tcp://127.0.0.1:0", "--shard-id", "0", "--scheduler", addr, *curve,
+                         ready=False)
     # it registers, is refused, and keeps trying (once per heartbeat); the first keeps the id
     wait_until(lambda: refused() >= 3, timeout=30, what="the second shard's registrations refused")
     assert servers() == [(0, first.ready["addr"])]
@@ -345,6 +346,8 @@ def test_a_live_shards_id_is_not_taken_until_an_admin_evicts_it(procs, tmp_path,
     try:
         result = run_psctl("evict-shard", "0", "--scheduler", addr, *curve, timeout=60)
         assert result.returncode == 0 and first.ready["addr"] in result.stdout, result.stderr
+        second.wait_ready(30)
+        assert second.ready["addr"] != first.ready["addr"]
         wait_until(lambda: servers() == [(0, second.ready["addr"])], timeout=30, what="the second shard took id 0")
     finally:
         os.kill(first.pid, signal.SIGCONT)

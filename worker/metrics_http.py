@@ -1,10 +1,20 @@
-"""The worker's Prometheus endpoint (`psctl worker --metrics-port`), on a daemon thread."""
+"""Serve a worker's exporter (/metrics, /healthz: protocol/metrics.py) from a daemon thread.
+
+The same application on the same server class as ps/metrics_http.py
+(ps/ and worker/ may not import each other, and protocol/ opens no sockets).
+"""
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from protocol.metrics import MetricsRegistry
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from protocol.metrics import Health, MetricsRegistry, exporter_app
+
+log = logging.getLogger("pscluster.metrics")
 
 
 class _Quiet(WSGIRequestHandler):
@@ -12,14 +22,19 @@ class _Quiet(WSGIRequestHandler):
         pass
 
 
-def start_exporter(registry: MetricsRegistry, port: int, host: str = "127.0.0.1"):
-    """Serve `registry` at /metrics; returns the server (its port in .server_port). Raises OSError."""
+class _Server6(ThreadingWSGIServer):
+    address_family = socket.AF_INET6
 
-    def app(environ, start_response):
-        found = environ.get("PATH_INFO", "").startswith("/metrics")
-        start_response("200 OK" if found else "404 Not Found", [("Content-Type", "text/plain; version=0.0.4")])
-        return [registry.render().encode()]
 
-    server = make_server(host, port, app, handler_class=_Quiet)
+def serve_metrics(registry: MetricsRegistry, health: Health, port: int, host: str = "127.0.0.1"):
+    """Serve the exporter on host:port (0: a free one) from a daemon thread.
+
+    Returns the server (its port in .server_port); raises OSError.
+    """
+    bare = host.strip("[]")
+    server = make_server(bare, port, exporter_app(registry, health), handler_class=_Quiet,
+                         server_class=_Server6 if ":" in bare else ThreadingWSGIServer)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    url = f"http://{f'[{bare}]' if ':' in bare else bare}:{server.server_port}"
+    log.info("exporter serving", extra={"metrics": f"{url}/metrics", "healthz": f"{url}/healthz"})
     return server

@@ -2,13 +2,18 @@
 
 Blocking: `request` sends, waits up to `timeout_s` for the answer, and on
 silence re-sends the same request on a fresh socket, `retries` times, then
-raises SchedulerUnavailable naming the address. An `error` reply raises
-SchedulerError with its code and sentence. The socket comes from
-worker/transport.py.
+raises SchedulerUnavailable naming the address and what its host resolved
+to. An `error` reply raises SchedulerError with its code and sentence. The
+socket comes from worker/transport.py. `resolve_host` tells a host that
+does not resolve (SchedulerUnresolvable, at once) from one where nothing
+answers (a silence).
 """
 from __future__ import annotations
 
 import itertools
+import re
+import socket
+import threading
 import time
 
 import zmq
@@ -25,6 +30,50 @@ REQUEST_RETRIES = 2
 
 class SchedulerUnavailable(ConnectionError):
     """The scheduler did not answer."""
+
+
+class SchedulerUnresolvable(SchedulerUnavailable):
+    """The scheduler address's host name does not resolve."""
+
+
+def resolve_host(addr: str, *, timeout_s: float = REQUEST_TIMEOUT_S) -> list[str]:
+    """The IP addresses the host of a tcp:// address resolves to ([] for ipc:// and inproc://).
+
+    Raises SchedulerUnresolvable when it does not resolve, or when the
+    resolver gives no answer within `timeout_s` (the lookup goes on in a
+    daemon thread, which cannot hold the process).
+    """
+    m = re.match(r"^tcp://(\[[0-9a-fA-F:]+\]|[^:/\s]+):(\d+|\*)$", addr)
+    if not m or m.group(1) == "*":
+        return []
+    host = m.group(1).strip("[]")
+    box: dict = {}
+
+    def lookup() -> None:
+        try:
+            box["ips"] = sorted({info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)})
+        except (OSError, UnicodeError) as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=lookup, name="resolve-scheduler", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "ips" in box:
+        return box["ips"]
+    why = "" if "error" in box else f" within {timeout_s:g}s"
+    raise SchedulerUnresolvable(f"cannot resolve host {host}{why} (scheduler address {addr})")
+
+
+def _silence(addr: str, op: str, timeout_s: float, retries: int, curve: bool) -> str:
+    """The sentence for a scheduler that did not answer: where, how long, and what the host resolved to."""
+    try:
+        ips = resolve_host(addr, timeout_s=1.0)
+    except SchedulerUnresolvable as exc:
+        return f"no answer from the scheduler at {addr} to '{op}': {exc}"
+    tries = f" ({retries} retries)" if retries else ""
+    resolved = f"the host resolved to {', '.join(ips)}; " if ips else ""
+    ask = "is the scheduler running, and does it hold your key?" if curve else "is the scheduler running?"
+    return f"no answer from the scheduler at {addr} to '{op}' within {timeout_s:g}s{tries} ({resolved}{ask})"
 
 
 class SchedulerError(RuntimeError):
@@ -79,5 +128,4 @@ class SchedulerClient:
                 except ProtocolError as exc:
                     raise SchedulerError(exc) from None
             self.close()  # Lazy Pirate: a fresh socket for the retry
-        raise SchedulerUnavailable(f"the scheduler at {self.addr} did not answer '{msg.OP}' "
-                                   f"within {timeout_s:g}s ({retries} retries)")
+        raise SchedulerUnavailable(_silence(self.addr, msg.OP, timeout_s, retries, self.keys is not None))

@@ -51,10 +51,6 @@ log = logging.getLogger("pscluster.worker")
 # Evaluate at most this often (in steps) when the job says "every epoch" and
 # epochs are tiny: evaluation of the test split must not dominate training.
 MIN_EVAL_INTERVAL_STEPS = 10
-# Upper bounds of the step-time histogram, in seconds.
-STEP_SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
-# Upper bounds of the histogram of staleness this worker saw (in versions).
-STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 # How long the scheduler may hold a request for this worker's partitions.
 SYNC_WAIT_S = 10.0
 # Reports the scheduler must answer: a short wait, a few tries.
@@ -358,7 +354,7 @@ class Task:
             if 0 in parts and ((step + 1) % eval_every == 0 or step + 1 == self.held[0].owed):
                 test_loss, test_acc = evaluate(model, test, xp=self.device.xp)
                 if self.metrics is not None:
-                    self.metrics.set("test_accuracy", test_acc, job=self.job)
+                    self.metrics.set("test_accuracy", test_acc, job_id=self.job)
                 self._report("eval", {"step": step + 1, "test_accuracy": test_acc, "test_loss": test_loss})
 
     def _step(self, client: ParamClient, model, host: dict, parts: list[int], step: int) -> None:
@@ -402,13 +398,13 @@ class Task:
         m = self.metrics
         loss = sum(result.losses.values()) / len(result.losses)
         acc = sum(result.accuracies.values()) / len(result.accuracies)
-        m.inc("steps_total", len(result.losses), job=self.job)
-        m.inc("examples_total", examples, job=self.job)
-        m.histogram("step_seconds", STEP_SECONDS_BUCKETS, job=self.job).observe(step_s)
-        m.histogram("staleness_seen", STALENESS_BUCKETS, job=self.job).observe(stale)
-        m.set("loss", loss, job=self.job)
-        m.set("accuracy", acc, job=self.job)
-        m.set("examples_per_second", examples / max(step_s, 1e-9), job=self.job)
+        m.inc("steps_total", len(result.losses), job_id=self.job)
+        m.inc("examples_total", examples, job_id=self.job)
+        m.histogram("step_seconds", job_id=self.job).observe(step_s)  # buckets: protocol/metrics.py
+        m.histogram("staleness_seen", job_id=self.job).observe(stale)
+        m.set("loss", loss, job_id=self.job)
+        m.set("accuracy", acc, job_id=self.job)
+        m.set("examples_per_second", examples / max(step_s, 1e-9), job_id=self.job)
 
     # --- final evaluation ---
 

@@ -3,6 +3,15 @@
 Thin by design: click parses, the command builds the
 object and runs it. Bad input becomes a one-sentence `click.ClickException`.
 
+Exit codes, the same for every command (README.md, "Exit codes"): 0
+success; 1 a job failed, or the command did (a refusal, a silent
+scheduler); 2 a usage error (click's own, and the worker side's one-sentence
+BadInput in worker/cli/common.py: a bad address, file or option); 130
+interrupted (Ctrl-C: `Psctl.invoke` below, instead of click's "Aborted!"
+and 1); 143 terminated (SIGTERM, for the commands that clean up first:
+`psctl run`, `submit --wait`, `wait`; the daemons stop cleanly on SIGTERM
+and exit 0).
+
 This package holds the command group and the server-side daemons
 (scheduler, server, start). The commands that need worker code (the worker
 daemon, submit/status/list/cancel/export, run, train-local, the
@@ -40,6 +49,22 @@ class PluginGroup(click.Group):
         return command
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+
+class Psctl(PluginGroup):
+    """The `psctl` group: Ctrl-C ends any command with exit 130 (143 for an interrupt that says so)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            # A command that cleans up on SIGTERM raises a KeyboardInterrupt with exit_code 143
+            # (worker/cli/common.py `Terminated`); plain Ctrl-C is 130. A new line after the terminal's ^C.
+            click.echo(err=True)
+            raise SystemExit(getattr(exc, "exit_code", EXIT_INTERRUPTED)) from None
+
+
 def updater_factory(spec: dict):
     """For train-local: the servers' optimizer as `make(arrays, nonlearned, optimizer) -> Updater`.
 
@@ -53,7 +78,7 @@ def updater_factory(spec: dict):
     return lambda arrays, nonlearned, optimizer: Updater(make_optimizer(optimizer), arrays, nonlearned=nonlearned)
 
 
-@click.group(cls=PluginGroup, plugins="psctl.commands", context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Psctl, plugins="psctl.commands", context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pscluster")
 @click.pass_context
 def main(ctx) -> None:

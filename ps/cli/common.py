@@ -40,14 +40,14 @@ def scheduler_address(option: str | None) -> str | None:
         raise click.ClickException(str(exc)) from None
 
 
-def serve_metrics_or_fail(registry, port: int | None, host: str, on_fail: Callable[[], None]) -> int | None:
-    """Start a daemon's metrics exporter; its port, None when not asked, or a one-sentence error."""
+def serve_metrics_or_fail(registry, health, port: int | None, host: str, on_fail: Callable[[], None]) -> int | None:
+    """Start a daemon's exporter (/metrics, /healthz); its port, None when not asked, or a one-sentence error."""
     if port is None:
         return None
     from ps.metrics_http import serve_metrics
 
     try:
-        return serve_metrics(registry, port, host).server_address[1]
+        return serve_metrics(registry, health, port, host).server_port
     except OSError as exc:
         on_fail()
         raise click.ClickException(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
@@ -94,12 +94,15 @@ def server_keys(curve_dir: str | None, role: str, key_name: str | None):
     return ServerKeys(public, secret, ring)
 
 
-def protected_bind(addr: str, *, curve_dir: str | None, insecure: bool, log) -> str:
-    """`addr` if protected mode allows it (loopback, or CURVE, or --insecure); else a usage error."""
+def protected_bind(addr: str, *, curve_dir: str | None, insecure: bool, log, implied_by: str | None = None) -> str:
+    """`addr` if protected mode allows it (loopback, or CURVE, or --insecure); else a usage error.
+
+    `implied_by`: why `addr` was chosen when --bind was not given (a launch across machines).
+    """
     from protocol.endpoints import check_protected, is_loopback
 
     try:
-        check_protected(addr, "--bind", curve=bool(curve_dir), insecure=insecure)
+        check_protected(addr, "--bind", curve=bool(curve_dir), insecure=insecure, implied_by=implied_by)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     if insecure and not curve_dir and not is_loopback(addr):

@@ -9,7 +9,7 @@ loopback). The rules:
 - server keys: register and heartbeat as a server;
 - worker keys: register, heartbeat, assign and report as a worker, under a
   worker id the key owns (its name, or its name and a dash before anything);
-- any key: status, list, stats.
+- any key: status, list, stats, logs.
 
 Finer rules that need the state (a report counts only from the holder of
 the partition, a shard id is not taken over while its shard is alive) are

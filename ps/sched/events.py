@@ -9,7 +9,9 @@ Instructions out, to be performed in order by the daemon
 (ps/scheduler.py): `Persist` a job's row (before any reply that follows
 it in the list: an acknowledged submit is on disk first), `Reply` to a
 peer, `CallShard` (a request to a server shard whose answer comes back as
-a `ShardAnswer` with the same call id), `Stop` the daemon.
+a `ShardAnswer` with the same call id), `Note` an event in a job's history
+(`psctl logs`), `ReadNotes` (answer a peer with a page of that history,
+which lives on disk, not in the machine), `Stop` the daemon.
 """
 from __future__ import annotations
 
@@ -70,6 +72,30 @@ class Persist:
     job: str
     fields: dict = field(default_factory=dict)
     new: bool = False
+
+
+@dataclass(frozen=True)
+class Note:
+    """Append an event to job `job`'s history: `ts` (wall seconds), a `kind`, a sentence, its facts."""
+
+    job: str
+    ts: float
+    kind: str
+    text: str
+    facts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReadNotes:
+    """Answer `peer` (request `rid`) with job `job`'s events numbered above `after`, at most `limit`,
+    and the job's `state` (so a follower knows when the history is complete)."""
+
+    peer: object
+    rid: int
+    job: str
+    after: int
+    limit: int
+    state: str
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ class Placement:
                     run.joining.discard(worker.id)
                     run.init_worker, worker.job = worker.id, run.job_id
                     run.grant(worker.id, [p.index for p in active if p.holder is None])
-                    log.info("job initialising", extra={"job": run.job_id, "worker": worker.id})
+                    self._note(run.job_id, "initialising", f"{worker.id} initialises the parameters",
+                               worker=worker.id)
             return self._reserve(run, active, free)
         free = self._reserve(run, active, free)
         holders = run.holders()
@@ -114,7 +115,7 @@ class Placement:
         run.eval_worker, worker.job = worker.id, run.job_id
         run.epoch += 1   # the shards learn it may read (readers); it is told once they know
         run.grants[worker.id] = run.epoch
-        log.info("final evaluation assigned", extra={"job": run.job_id, "worker": worker.id})
+        self._note(run.job_id, "evaluating", f"{worker.id} runs the final evaluation", worker=worker.id)
 
     def _queued(self) -> list:
         return [r for r in self.jobs.values() if r.state == QUEUED]
@@ -138,5 +139,6 @@ class Placement:
         run = JobRun(record, shards, epoch_base=self.epoch_base, now=now, started_at=started_at)
         self.runs[run.job_id] = run
         self._persist(out, record, state=RUNNING, started=record.started or self._wall(now), shards=shards)
-        log.info("job started", extra={"job": run.job_id, "shards": len(shards), "partitions": len(run.partitions)})
+        self._note(run.job_id, "started", f"started on {len(shards)} shard(s): {', '.join(shards)}",
+                   shards=len(shards), partitions=len(run.partitions))
         return run

@@ -113,7 +113,9 @@ class Reports:
             run.plan = plan
             self._persist(out, run.record, plan=plan.to_wire(), nonlearned=list(nonlearned),
                           tensors=[[n, list(s), d] for n, s, d in tensors])
-            log.info("plan made", extra={"job": run.job_id, "slices": len(plan.slices), "bytes": nbytes})
+            self._note(run.job_id, "planned", f"{len(plan.tensors)} tensors, {nbytes:,} bytes, cut into "
+                       f"{len(plan.slices)} slices over {plan.num_shards} shard(s)", slices=len(plan.slices),
+                       bytes=nbytes)
         run.created.clear()
         for k in range(len(run.shards)):
             self._create_on(run, k, out)
@@ -175,7 +177,8 @@ class Reports:
         if target is not None and acc >= target and not run.stopping:
             run.stopping, run.stopped_by, run.target_seen = True, "target", float(acc)
             run.epoch += 1  # an empty membership freezes the parameters now
-            log.info("target accuracy reached", extra={"job": run.job_id, "test_accuracy": acc})
+            self._note(run.job_id, "target_reached", f"test accuracy {acc:.4f} reached the target {target}: "
+                       "training stops", test_accuracy=acc)
         return {}
 
     def _report_done(self, run: JobRun, worker, msg, now, out) -> dict:
@@ -183,8 +186,8 @@ class Reports:
         if finished:
             run.ungrant(finished)
             self._training_moved(run, now)
-            log.info("partitions done", extra={"job": run.job_id, "worker": worker.id,
-                                               "partitions": ",".join(map(str, finished))})
+            self._note(run.job_id, "partitions_done", f"{worker.id} finished partitions "
+                       f"{','.join(map(str, finished))}", worker=worker.id, partitions=finished)
         return {}
 
     def _report_release(self, run: JobRun, worker, msg, now, out) -> dict:
@@ -193,6 +196,8 @@ class Reports:
         given = [k for k in given if k in mine]
         if given:
             run.ungrant(given)
+            self._note(run.job_id, "released", f"{worker.id} gave back partitions {','.join(map(str, given))} "
+                       "for a worker that joined", worker=worker.id, partitions=given)
         return {}
 
     def _report_stopped(self, run: JobRun, worker, msg, now, out) -> dict:
@@ -205,7 +210,8 @@ class Reports:
         if run.eval_worker != worker.id and not run.held_by(worker.id):
             raise self._not_yours(f"worker {worker.id!r:.60} holds no partition of job "
                                                       f"{run.job_id}: its failure is not the job's", rid=msg.rid)
-        log.warning("worker failed", extra={"job": run.job_id, "worker": worker.id, "why": error, "fatal": fatal})
+        self._note(run.job_id, "worker_failed", f"{worker.id} failed{' (fatal)' if fatal else ''}: {error}",
+                   level=logging.WARNING, worker=worker.id, fatal=fatal)
         if run.eval_worker == worker.id:
             run.eval_failures += 1
             if fatal or run.eval_failures >= self.max_failures:
@@ -227,8 +233,8 @@ class Reports:
             # The target was met by parameters one worker pulled; the frozen
             # ones (a few pushes later) fall short. Train on rather than end
             # below the target: the partitions resume where they stopped.
-            log.info("final evaluation below the target: training resumes",
-                     extra={"job": run.job_id, "test_accuracy": acc, "target": target})
+            self._note(run.job_id, "target_missed", f"the final evaluation's test accuracy {acc:.4f} is below "
+                       f"the target {target}: training resumes", test_accuracy=acc)
             run.stopping, run.stopped_by, run.target_seen = False, "", None
             run.epoch += 1
         else:
@@ -274,7 +280,7 @@ class Reports:
         """The job fails with `error`: no more training; it ends once its workers have left."""
         if run.error:
             return
-        log.error("job failed", extra={"job": run.job_id, "why": error})
+        self._note(run.job_id, "failing", f"the job fails: {error}", level=logging.ERROR)
         run.error, run.stopping, run.stopped_by = error, True, "error"
         run.epoch += 1
 

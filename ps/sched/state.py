@@ -38,13 +38,16 @@ from protocol.metrics import MetricsRegistry
 from protocol.plan import MAX_SHARDS
 from ps.sched import checks
 from ps.sched.auth import authorize
-from ps.sched.events import CallShard, Persist, Reply, Request, ShardAnswer, Tick
+from ps.sched.events import CallShard, Note, Persist, Reply, Request, ShardAnswer, Tick
 from ps.sched.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobRun
 from ps.sched.placement import Placement
 from ps.sched.reports import Reports
 from ps.sched.views import Views
 
 log = logging.getLogger("pscluster.scheduler")
+
+# Events one job may add to its history in one scheduler run (README.md, `psctl logs`).
+MAX_NOTES_PER_JOB = 10_000
 
 # How often each role heartbeats, in seconds: the `register` reply carries the
 # registering role's value (`heartbeat_interval_s`) and the peer obeys it
@@ -128,11 +131,15 @@ class SchedulerState(Placement, Reports, Views):
         self.public_key = public_key or (lambda identity: None)   # CURVE: a key's public half
         self._saved_at = self._sampled_at = float("-inf")
         self.identity: Identity | None = None
+        self._now = 0.0                             # the current event's time, for notes
+        self._notes: list[Note] = []                # job events noted while handling it
+        self._noted: dict[str, int] = {}            # job -> events noted (bounded per job)
         self.ops = {
             "register": self.on_register, "heartbeat": self.on_heartbeat, "assign": self.on_assign,
             "report": self.on_report, "submit": self.on_submit, "status": self.on_status,
             "cancel": self.on_cancel, "list": self.on_list, "export": self.on_export,
             "stats": self.on_stats, "shutdown": self.on_shutdown, "evict": self.on_evict,
+            "logs": self.on_logs,
         }
 
     # --- the one entry point ---
@@ -141,6 +148,7 @@ class SchedulerState(Placement, Reports, Views):
         """The instructions for `event`, in the order they must be performed."""
         out: list = []
         self.identity = None
+        self._now = event.now if isinstance(event, (Request, ShardAnswer, Tick)) else self._now
         try:
             if isinstance(event, Request):
                 self._request(event, out)
@@ -157,7 +165,21 @@ class SchedulerState(Placement, Reports, Views):
             if isinstance(event, Request) and not any(isinstance(i, Reply) and i.peer is event.peer for i in out):
                 self._error(out, event.peer, event.msg.rid, ErrorCode.INTERNAL,
                             f"internal error: {type(exc).__name__}: {exc}"[:300], event.msg.job)
+        out.extend(self._notes)
+        self._notes.clear()
         return out
+
+    def _note(self, job: str, kind: str, text: str, *, level: int = logging.INFO, **facts) -> None:
+        """Log an event of job `job` and add it to the job's history (`psctl logs`), at most
+        MAX_NOTES_PER_JOB per job and scheduler run (a flapping worker cannot fill the disk)."""
+        log.log(level, text, extra={"job": job, "event": kind, **facts})
+        count = self._noted.get(job, 0) + 1
+        self._noted[job] = count
+        if count < MAX_NOTES_PER_JOB:
+            self._notes.append(Note(job, self._wall(self._now), kind, text, facts))
+        elif count == MAX_NOTES_PER_JOB:
+            self._notes.append(Note(job, self._wall(self._now), "truncated",
+                                    f"over {MAX_NOTES_PER_JOB:,} events: the rest are only in the scheduler's log"))
 
     def _request(self, req: Request, out: list) -> None:
         msg = req.msg
@@ -248,7 +270,8 @@ class SchedulerState(Placement, Reports, Views):
             if shard >= len(run.shards):
                 continue
             if run.shards[shard] != addr:
-                log.warning("job follows its shard", extra={"job": run.job_id, "shard": shard, "addr": addr})
+                self._note(run.job_id, "shard_moved", f"shard {shard} is now at {addr}", level=logging.WARNING,
+                           shard=shard, addr=addr)
                 run.shards[shard] = addr
                 self._persist(out, run.record, shards=list(run.shards))
             self.sent.pop((run.job_id, shard), None)  # send it again
@@ -341,8 +364,11 @@ class SchedulerState(Placement, Reports, Views):
             run.told.add(peer.id)
             peer.waiting = None
             out.append(Reply(held.peer, Ok(rid=held.rid, job=run.job_id, body=assignment.to_wire())))
-            log.info("assigned", extra={"worker": peer.id, "job": run.job_id, "task": assignment.task,
-                                        "partitions": ",".join(map(str, assignment.partitions))})
+            what = (f"partitions {','.join(map(str, assignment.partitions))}" if assignment.task == TRAIN
+                    else "the final evaluation")
+            self._note(run.job_id, "assigned", f"{peer.id} assigned {what}" + (" (initialises the parameters)"
+                                                                              if assignment.init else ""),
+                       worker=peer.id, task=assignment.task, partitions=list(assignment.partitions))
 
     def _assignment(self, run: JobRun, worker: str, task: str) -> Assignment:
         steps = [p.steps for p in run.partitions]
@@ -385,7 +411,7 @@ class SchedulerState(Placement, Reports, Views):
             self.submissions[sid] = record.id
         out.append(Persist(record.id, record.row(), new=True))  # on disk before the answer
         self.metrics.inc("jobs_submitted_total")
-        log.info("job submitted", extra={"job": record.id, "partitions": spec["workers"]})
+        self._note(record.id, "submitted", f"submitted: {spec['workers']} partitions", partitions=spec["workers"])
         self._ok(out, req, {"job": record.id}, job=record.id)
 
     # --- shards ---
@@ -416,6 +442,10 @@ class SchedulerState(Placement, Reports, Views):
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"no live shard {req.msg.shard}", rid=req.msg.rid)
         self.evicted[peer.shard] = (peer.addr, peer.info.get("instance", ""))
         log.warning("shard evicted", extra={"shard": peer.shard, "addr": peer.addr})
+        for run in self.runs.values():
+            if peer.shard < len(run.shards) and run.shards[peer.shard] == peer.addr:
+                self._note(run.job_id, "shard_evicted", f"shard {peer.shard} at {peer.addr} evicted by an admin",
+                           level=logging.WARNING, shard=peer.shard)
         self._ok(out, req, {"shard": peer.shard, "addr": peer.addr})
 
     def _shard_answer(self, event: ShardAnswer, out: list) -> None:
@@ -434,7 +464,8 @@ class SchedulerState(Placement, Reports, Views):
         elif self.sent.get((job, k)) == epoch:
             self.sent.pop((job, k), None)  # refused or unanswered: the next settle sends it again
             if isinstance(event.reply, Error):
-                log.warning("shard refused a membership", extra={"job": job, "shard": k, "why": event.reply.message})
+                self._note(job, "shard_refused", f"shard {k} refused a membership: {event.reply.message}",
+                           level=logging.WARNING, shard=k)
 
     # --- time ---
 
@@ -446,6 +477,11 @@ class SchedulerState(Placement, Reports, Views):
             if now - peer.last_seen > self.heartbeat_timeout_s:
                 log.warning("server is silent: declared dead", extra={"shard": shard, "addr": peer.addr})
                 del self.servers[shard]
+                for run in self.runs.values():
+                    if shard < len(run.shards) and run.shards[shard] == peer.addr:
+                        self._note(run.job_id, "shard_lost", f"shard {shard} at {peer.addr} is silent: declared "
+                                   "dead (the job waits for a server to take its id)", level=logging.WARNING,
+                                   shard=shard)
         for peer in self.workers.values():
             held = peer.waiting
             if held is not None and peer.job is None and now >= held.deadline:
@@ -471,6 +507,8 @@ class SchedulerState(Placement, Reports, Views):
             return
         why = f"worker {peer.id} stopped answering (silent for over {self.heartbeat_timeout_s:g}s)"
         held = run.held_by(peer.id)
+        self._note(run.job_id, "worker_lost", why + (f": partitions {','.join(map(str, held))} go to others"
+                                                     if held else ""), level=logging.WARNING, worker=peer.id)
         if run.eval_worker == peer.id:
             run.eval_failures += 1
             if run.eval_failures >= self.max_failures:
@@ -508,7 +546,11 @@ class SchedulerState(Placement, Reports, Views):
                 self.calls[call] = ("checkpoint", run.job_id, -1, 0)
                 out.append(CallShard(call, addr, Checkpoint(job=run.job_id), key=self._shard_key(k, addr)))
         self.metrics.inc("jobs_finished_total", state=record.state)
-        log.info("job ended", extra={"job": run.job_id, "state": record.state,
-                                     "test_accuracy": (run.final or {}).get("test_accuracy"),
-                                     "steps_done": sum(p.done_steps for p in run.partitions)})
+        done, asked = sum(p.done_steps for p in run.partitions), sum(p.steps or 0 for p in run.partitions)
+        acc = (run.final or {}).get("test_accuracy")
+        self._note(run.job_id, "ended", f"{record.state}: {done:,}/{asked:,} steps"
+                   + (" (stopped at the target accuracy)" if run.stopped_by == "target" else "")
+                   + (f", test accuracy {acc:.4f}" if acc is not None else "")
+                   + (f" ({run.error})" if run.error and record.state != CANCELLED else ""),
+                   state=record.state, steps_done=done, test_accuracy=acc)
 

@@ -9,8 +9,8 @@ import logging
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobstate import FINAL_STATES
-from ps.sched.events import Stop
-from ps.sched.jobs import CANCELLED, QUEUED, RUNNING, JobRecord
+from ps.sched.events import ReadNotes, Stop
+from ps.sched.jobs import CANCELLED, JobRecord
 
 log = logging.getLogger("pscluster.scheduler")
 
@@ -18,6 +18,8 @@ log = logging.getLogger("pscluster.scheduler")
 LIST_FIELDS = ("id", "name", "state", "submitted", "started", "finished", "error")
 # Evaluations and curve points a status answer carries at most.
 STATUS_HISTORY = 50
+# Events one `logs` answer carries at most (a follower asks again from `next`).
+LOGS_PAGE = 500
 
 
 class Views:
@@ -50,6 +52,15 @@ class Views:
         body["curve"] = saved.get("curve", [])
         body["shard_stats"] = self._shard_stats(record.id)
         self._ok(out, req, body)
+
+    def on_logs(self, req, out: list) -> None:
+        """A page of a job's events; they live in the job store, so the daemon reads and answers."""
+        msg = req.msg
+        record = self._record(msg)
+        if not (0 <= msg.after < 1 << 62 and 0 <= msg.limit < 1 << 62):
+            raise ProtocolError(ErrorCode.BAD_FIELD, "after and limit must be in 0..2**62", rid=msg.rid)
+        out.append(ReadNotes(req.peer, msg.rid, record.id, msg.after, min(msg.limit or LOGS_PAGE, LOGS_PAGE),
+                             record.state))
 
     def _shard_stats(self, job: str) -> list[dict]:
         out = []
@@ -92,7 +103,8 @@ class Views:
             run.epoch += 1  # an empty membership: the shards refuse further pushes at once
             # The run stays until its workers have left, so they are told to stop.
         self._persist(out, record, state=CANCELLED, finished=self._wall(req.now))
-        log.info("job cancelled", extra={"job": record.id, "was": QUEUED if run is None else RUNNING})
+        self._note(record.id, "cancelled", "cancelled" + (" while queued" if run is None else ": its workers stop"),
+                   level=logging.INFO)
         self._ok(out, req, {"job": record.id, "state": CANCELLED})
 
     def on_export(self, req, out: list) -> None:

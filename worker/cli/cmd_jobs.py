@@ -1,51 +1,72 @@
-"""User commands: submit, status, list, cancel, export."""
+"""User commands: submit, wait, status, list, cancel, export, evict-shard.
+
+Exit codes (worker/cli/common.py, README.md "Exit codes"): `submit --wait`
+and `wait` exit 0 when the job succeeded, 1 when it failed or was
+cancelled; on Ctrl-C (130) or SIGTERM (143) they say in one line that the
+job goes on and how to follow it again (`psctl wait JOB`) or stop it
+(`psctl cancel JOB`).
+"""
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 import time
 import uuid
 
 import click
 
 from protocol.jobstate import FINAL_STATES, JobState
-from worker.cli.common import Connection, admin_connection
+from worker.cli.common import (
+    EXIT_FAILED,
+    BadInput,
+    Connection,
+    admin_connection,
+    interrupt_exit_code,
+    sigterm_as_interrupt,
+)
 from worker.views.progress import ProgressBar
 from worker.views.report import job_summary, print_summary
 
 # How often `--wait` asks the scheduler how the job is doing.
 POLL_INTERVAL_S = 0.5
+# While following a job it was already talking to, a poll is re-sent this
+# many times (Lazy Pirate) before the scheduler's silence ends the wait.
+POLL_RETRIES = 2
+STDIN = "-"
 
 
 def _client(conn: Connection):
-    return conn.client(timeout_s=5.0, retries=2)
+    return conn.client()
 
 
-def _call(client, msg):
-    """One request; scheduler errors and silence become one-sentence ClickExceptions."""
+def _call(client, msg, *, retries: int | None = None, on_silence: str = ""):
+    """One request; scheduler errors and silence (with `on_silence` added) become one-sentence
+    ClickExceptions (exit 1)."""
     from worker.sched_client import SchedulerError, SchedulerUnavailable
 
     try:
-        return client.request(msg).body
+        return client.request(msg, retries=retries).body
     except SchedulerError as exc:
         raise click.ClickException(exc.reason) from None
     except SchedulerUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"{exc}{on_silence}") from None
 
 
 def load_and_check(path: str) -> dict:
-    """Validate a job file here, before anything reaches the cluster."""
-    from protocol.jobspec import SpecError, load_job_file
+    """Validate a job file (`-`: standard input) here, before anything reaches the cluster; BadInput if wrong."""
+    from protocol.jobspec import SpecError, load_job_file, parse_job_text
 
     try:
-        spec = load_job_file(path)
+        spec = parse_job_text(sys.stdin.read(), source="<stdin>") if path == STDIN else load_job_file(path)
     except SpecError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
     from worker.data import DataError, parse_source
 
     try:
         parse_source(spec["data"]["source"])
     except DataError as exc:
-        raise click.ClickException(f"data.source: {exc}") from None
+        raise BadInput(f"data.source: {exc}") from None
     return spec
 
 
@@ -53,27 +74,51 @@ def wait_for(client, job: str, *, show: bool = True, timeout_s: float | None = N
              plot: str | None = None) -> dict:
     """Poll `job` until it ends, drawing the progress bar; returns its final status body.
 
-    With `plot`, the loss curve it saw is written there as a PNG.
+    The bar is closed before anything else is printed. A job already over at
+    the first poll draws no bar. With `plot`, the loss curve it saw is
+    written there as a PNG.
     """
     from protocol.messages import Status
 
     bar = ProgressBar(label=job) if show else None
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    retries = 0  # the first poll is the first contact (`psctl wait`): one bounded wait
     try:
-        while True:
-            body = _call(client, Status(job=job))
-            if bar is not None and body.get("progress"):
+        for polls in itertools.count(1):  # as long as the job runs; every poll is bounded
+            body = _call(client, Status(job=job), retries=retries)
+            retries = POLL_RETRIES
+            over = body["state"] in FINAL_STATES
+            if bar is not None and body.get("progress") and not (over and polls == 1):
                 bar.update(body["progress"])
-            if body["state"] in FINAL_STATES:
-                if plot:
-                    _plot(body.get("curve") or [], plot, job)  # the scheduler's samples of the whole run
-                return body
+            if over:
+                break
             if deadline is not None and time.monotonic() > deadline:
                 raise click.ClickException(f"job {job} did not finish within {timeout_s:g}s (still {body['state']})")
             time.sleep(POLL_INTERVAL_S)  # polling a remote service, not waiting on a test
     finally:
         if bar is not None:
             bar.close()
+    if plot:
+        _plot(body.get("curve") or [], plot, job)  # the scheduler's samples of the whole run
+    return body
+
+
+def follow(client, job: str, *, as_json: bool, plot: str | None = None, show: bool = True) -> None:
+    """Wait for `job` and print its summary; exit 1 unless it succeeded.
+
+    Ctrl-C or SIGTERM stops only the waiting: one line says the job goes on
+    and names `psctl wait` and `psctl cancel`, then exit 130 or 143.
+    """
+    with sigterm_as_interrupt():
+        try:
+            body = wait_for(client, job, plot=plot, show=show)
+        except KeyboardInterrupt as exc:
+            click.echo(f"stopped waiting; job {job} goes on: `psctl wait {job}` follows it again, "
+                       f"`psctl cancel {job}` stops it", err=True)
+            raise SystemExit(interrupt_exit_code(exc)) from None
+    print_summary(job_summary(body), as_json=as_json)
+    if body["state"] != JobState.SUCCEEDED:
+        raise SystemExit(EXIT_FAILED)
 
 
 def _plot(rows: list[dict], path: str, job: str) -> None:
@@ -90,7 +135,7 @@ def _plot(rows: list[dict], path: str, job: str) -> None:
 
 
 @click.command("submit")
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
 @admin_connection
 @click.option("--wait", is_flag=True, help="Show a live progress bar and wait for the job to end.")
 @click.option("--json", "as_json", is_flag=True, help="With --wait: print the summary as one JSON object.")
@@ -98,25 +143,44 @@ def _plot(rows: list[dict], path: str, job: str) -> None:
               help="With --wait: write the loss curve to this PNG file.")
 @click.option("--submission-id", default=None, metavar="ID",
               help="Submitting the same ID again returns the job it made instead of a new one "
-                   "(default: a fresh id, reused by this command's own retries).")
+                   "(default: a fresh id, named in the error if the scheduler does not answer).")
 def submit(job_file, conn, wait, as_json, plot, submission_id):
-    """Submit JOB_FILE; prints the job id (with --wait, exits 0 only if the job succeeded)."""
+    """Submit JOB_FILE (`-`: read it from standard input); prints the job id.
+
+    With --wait, follows it like `psctl wait` and exits 0 only if it succeeded.
+    """
     from protocol.messages import Submit
 
-    spec = load_and_check(job_file)
+    if plot and not wait:
+        raise BadInput("--plot needs --wait: the loss curve is written when the job ends")
     if submission_id is not None and not (0 < len(submission_id) <= 128 and submission_id.isprintable()):
-        raise click.BadParameter("must be 1 to 128 printable characters", param_hint="--submission-id")
+        raise BadInput("--submission-id must be 1 to 128 printable characters")
+    spec = load_and_check(job_file)
     client = _client(conn)
-    # The client re-sends a silent request as it is, id included: a retry never makes a second job.
-    job = _call(client, Submit(spec=spec, submission_id=submission_id or uuid.uuid4().hex))["job"]
+    sid = submission_id or uuid.uuid4().hex
+    # Unanswered, the submit may still have arrived: the same id again returns its job, never a second one.
+    job = _call(client, Submit(spec=spec, submission_id=sid),
+                on_silence=f"; to submit again without risking a second job, add --submission-id {sid}")["job"]
     if not wait:
         click.echo(json.dumps({"job": job}) if as_json else job)
         return
     click.echo(f"submitted {job}", err=True)
-    body = wait_for(client, job, plot=plot)
-    print_summary(job_summary(body), as_json=as_json)
-    if body["state"] != JobState.SUCCEEDED:
-        raise SystemExit(1)
+    follow(client, job, as_json=as_json, plot=plot)
+
+
+@click.command("wait")
+@click.argument("job")
+@admin_connection
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write the loss curve to this PNG file when the job ends.")
+def wait(job, conn, as_json, plot):
+    """Follow JOB until it ends (progress bar, then its summary); exits 0 only if it succeeded.
+
+    Re-attaches to a job submitted without --wait or left by Ctrl-C; on a job
+    that is over it prints the summary at once.
+    """
+    follow(_client(conn), job, as_json=as_json, plot=plot)
 
 
 @click.command("status")

@@ -4,7 +4,8 @@ Starts a scheduler, S servers and W workers as local processes
 (worker/local_cluster.py: each in its own process group, each told to die
 with this process on Linux), submits the job, shows the progress bar,
 prints the summary and stops every process it started: on success, on
-failure, and on Ctrl-C or SIGTERM. Its workers are workers like any other:
+failure, and on Ctrl-C or SIGTERM (then it exits 130 or 143: the job dies
+with its cluster). Its workers are workers like any other:
 they read a job's idx:/npz: data only under the `--data-root` directories
 given here (or PSCLUSTER_DATA_ROOTS, which they inherit); see
 worker/data/roots.py.
@@ -21,11 +22,12 @@ import click
 
 from protocol.jobstate import JobState
 from worker.cli.cmd_jobs import _call, load_and_check, wait_for
+from worker.cli.common import EXIT_FAILED, Terminated, interrupt_exit_code
 from worker.views.report import job_summary, print_summary
 
 
 @click.command("run")
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--servers", type=click.IntRange(1, 64), default=None,
               help="Server shards to start (default 1, or DMLC_NUM_SERVER).")
 @click.option("--workers", type=click.IntRange(1, 256), default=None,
@@ -43,7 +45,7 @@ from worker.views.report import job_summary, print_summary
               help="Run every daemon with CURVE: fresh keys for each role in the state directory (README.md, "
                    "\"Security\").")
 def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir, data_roots, curve):
-    """Run JOB_FILE on a local cluster started for it; exits 0 if the job succeeded."""
+    """Run JOB_FILE (`-`: standard input) on a local cluster started for it; exits 0 if the job succeeded."""
     from protocol.messages import Submit
     from worker.local_cluster import ClusterError, LocalCluster
 
@@ -54,7 +56,7 @@ def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir, dat
     state_dir = state_dir or tempfile.mkdtemp(prefix="psctl-run-")
     os.makedirs(state_dir, exist_ok=True)
     cluster = LocalCluster(state_dir)
-    status = JobState.FAILED.value
+    status, code = JobState.FAILED.value, EXIT_FAILED
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -71,18 +73,18 @@ def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir, dat
         client.close()
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM through _interrupt
         click.echo("interrupted: stopping the local cluster", err=True)
-        status = "interrupted"
+        code = interrupt_exit_code(exc)
     finally:
         cluster.stop()
         signal.signal(signal.SIGTERM, previous)
         if not keep:
             shutil.rmtree(state_dir, ignore_errors=True)
     if status != JobState.SUCCEEDED:
-        raise SystemExit(130 if status == "interrupted" else 1)
+        raise SystemExit(code)
 
 
 def _interrupt(signum, frame) -> None:
-    """SIGTERM ends `psctl run` the way Ctrl-C does: through the clean-up."""
-    raise KeyboardInterrupt
+    """SIGTERM ends `psctl run` the way Ctrl-C does, through the clean-up, but exits 143."""
+    raise Terminated

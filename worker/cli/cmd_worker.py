@@ -6,6 +6,7 @@ import signal
 
 import click
 
+from protocol.endpoints import metrics_host as default_metrics_host
 from worker.cli.common import announce_ready, as_usage_error, curve_client_options, load_keys, scheduler_address
 
 
@@ -19,24 +20,33 @@ from worker.cli.common import announce_ready, as_usage_error, curve_client_optio
 @click.option("--max-tasks", type=click.IntRange(1), default=None, help="Exit after this many assignments.")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
               help="Serve Prometheus metrics on this port.")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True,
-              help="Interface for the metrics port (0.0.0.0 in a container).")
+@click.option("--metrics-host", default=None,
+              help="Interface for the metrics port (default 127.0.0.1, or 0.0.0.0 with a scheduler on another "
+                   "machine).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--log-format", type=click.Choice(["logfmt", "json"]), default="logfmt", show_default=True,
+              envvar="PSCLUSTER_LOG_FORMAT", help="Log lines on stderr: key=value, or one JSON object each.")
 @click.option("--data-root", "data_roots", multiple=True, type=click.Path(file_okay=False),
               help="A directory jobs' idx: and npz: data may be read from (repeatable; or PSCLUSTER_DATA_ROOTS, "
                    "os.pathsep-separated). None: only sklearn:digits and synthetic:... .")
 @curve_client_options
-def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metrics_host, log_level, data_roots,
-           curve_dir, key_name):
-    """Run a worker: take assignments from the scheduler and train (blocks until stopped)."""
+def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metrics_host, log_level, log_format,
+           data_roots, curve_dir, key_name):
+    """Run a worker: take assignments from the scheduler and train (blocks until stopped).
+
+    READY is printed, and /healthz turns 200, when the scheduler has answered
+    the worker's registration; until then it keeps asking, and warns.
+    """
     from protocol.logfmt import setup_logging
+    from protocol.metrics import Health
     from worker.daemon import WorkerDaemon
     from worker.data.roots import ENV_VAR, check_roots, roots_from_env
     from worker.device import DeviceError, select_device
-    from worker.sched_client import SchedulerUnavailable
+    from worker.sched_client import SchedulerError, SchedulerUnavailable
 
-    setup_logging("worker", log_level)
+    setup_logging("worker", log_level, log_format)
     addr = scheduler_address(scheduler)
+    metrics_host = metrics_host or default_metrics_host(addr)  # every interface for a scheduler elsewhere
     # --data-root options, when given, replace the variable (they are not merged with it).
     roots = as_usage_error(check_roots, data_roots or roots_from_env(os.environ.get(ENV_VAR)))
     try:
@@ -47,26 +57,33 @@ def worker(scheduler, device, worker_id, slowdown, max_tasks, metrics_port, metr
     if keys is not None and worker_id and not keys.identity.owns_worker_id(worker_id):
         raise click.BadParameter(f"must be the key's name {keys.identity.name!r} or start with "
                                  f"'{keys.identity.name}-' under CURVE", param_hint="--worker-id")
+    health = Health(f"not registered with the scheduler at {addr} yet")
+    port = None
+
+    def ready() -> None:  # called by the daemon once the scheduler answered its registration
+        health.healthy()
+        announce_ready(role="worker", worker=daemon.worker, scheduler=addr, device=dev.name, metrics_port=port,
+                       curve=keys is not None, data_roots=list(roots))
+
     daemon = WorkerDaemon(addr, dev, worker_id=worker_id, slowdown=slowdown, max_tasks=max_tasks, keys=keys,
-                          data_roots=roots)
+                          data_roots=roots, on_ready=ready)
 
     def on_signal(signum, frame):
         daemon.stop()
         raise SystemExit(0)  # interrupts a blocking wait; a step in flight is simply lost (workers are stateless)
 
-    exporter = None
     if metrics_port is not None:
-        from worker.metrics_http import start_exporter
+        from worker.metrics_http import serve_metrics
         try:
-            exporter = start_exporter(daemon.metrics, metrics_port, metrics_host)
+            port = serve_metrics(daemon.metrics, health, metrics_port, metrics_host).server_port
         except OSError as exc:
-            raise click.ClickException(f"cannot serve metrics on port {metrics_port}: {exc.strerror}") from None
+            raise click.ClickException(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
+                                       f"{exc.strerror}") from None
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    announce_ready(role="worker", worker=daemon.worker, scheduler=addr, device=dev.name,
-                   metrics_port=exporter.server_port if exporter else None, curve=keys is not None,
-                   data_roots=list(roots))
     try:
-        daemon.serve()
+        daemon.serve()  # registers (READY), then takes assignments
     except SchedulerUnavailable as exc:
         raise click.ClickException(str(exc)) from None
+    except SchedulerError as exc:
+        raise click.ClickException(f"the scheduler at {addr} refused: {exc.reason}") from None

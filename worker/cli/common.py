@@ -1,20 +1,64 @@
-"""Command-line pieces the worker-side commands share (conventions: protocol/endpoints.py)."""
+"""Command-line pieces the worker-side commands share (conventions: protocol/endpoints.py).
+
+Exit codes (README.md, "Exit codes"): 0 success; 1 a job failed or a command
+did (the scheduler refused it or did not answer); 2 a usage error (click's
+own, and BadInput: a bad address, file or option said in one sentence);
+130 interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM).
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
 from dataclasses import dataclass
 
 import click
 
 from protocol.endpoints import NO_SCHEDULER, check_endpoint, parse_size, ready_line, scheduler_endpoint
 
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130   # 128 + SIGINT
+EXIT_TERMINATED = 143    # 128 + SIGTERM
+# How long a command waits for the scheduler's answer, in all (--timeout).
+CLIENT_TIMEOUT_S = 5.0
+
+
+class BadInput(click.ClickException):
+    """A usage error (a bad address, job file or option value) in one sentence: exit 2, no usage banner."""
+
+    exit_code = EXIT_USAGE
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be: the same clean-up, then exit 143."""
+
+    exit_code = EXIT_TERMINATED
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    """143 for a SIGTERM (Terminated), 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within: SIGTERM raises Terminated (a KeyboardInterrupt), so one `except KeyboardInterrupt` cleans up both."""
+    def handler(signum, frame):
+        raise Terminated
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 def as_usage_error(fn, *args):
-    """fn(*args), with its ValueError turned into a one-sentence ClickException."""
+    """fn(*args), with its ValueError turned into a one-sentence usage error (BadInput, exit 2)."""
     try:
         return fn(*args)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
 
 
 def sizes_option(ctx, param, value):
@@ -29,7 +73,7 @@ def scheduler_address(option: str | None) -> str:
     """--scheduler, PSCLUSTER_SCHEDULER or the DMLC variables; a usage error when none is set."""
     addr = as_usage_error(scheduler_endpoint, option)
     if addr is None:
-        raise click.ClickException(NO_SCHEDULER)
+        raise BadInput(NO_SCHEDULER)
     return addr
 
 
@@ -52,7 +96,7 @@ def load_keys(curve_dir: str | None, role: str, key_name: str | None):
     try:
         return CurveKeys.load(curve_dir, role, key_name)
     except KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise BadInput(str(exc)) from None
 
 
 def curve_client_options(fn):
@@ -70,21 +114,34 @@ class Connection:
 
     scheduler: str
     keys: object = None   # worker.client.CurveKeys
+    timeout_s: float = CLIENT_TIMEOUT_S
 
     def client(self, **kwargs):
-        from worker.sched_client import SchedulerClient
+        """A SchedulerClient that waits `timeout_s` in all for an answer (no retries unless asked).
 
+        Its host is resolved first: one that does not resolve is a usage error at once, not a silence.
+        """
+        from worker.sched_client import SchedulerClient, SchedulerUnresolvable, resolve_host
+
+        try:
+            resolve_host(self.scheduler, timeout_s=self.timeout_s)
+        except SchedulerUnresolvable as exc:
+            raise BadInput(str(exc)) from None
         keys = self.keys.to(self.keys.scheduler) if self.keys is not None else None
-        return SchedulerClient(self.scheduler, keys=keys, **kwargs)
+        return SchedulerClient(self.scheduler, keys=keys, **{"timeout_s": self.timeout_s, "retries": 0, **kwargs})
 
 
 def admin_connection(fn):
-    """--scheduler, --curve-dir and --key-name, given to the command as `conn` (a Connection with admin keys)."""
+    """--scheduler, --timeout, --curve-dir and --key-name, given to the command as `conn` (a Connection with
+    admin keys)."""
     @functools.wraps(fn)
-    def wrapper(*args, scheduler, curve_dir, key_name, **kwargs):
-        return fn(*args, conn=Connection(scheduler_address(scheduler), load_keys(curve_dir, "admin", key_name)),
-                  **kwargs)
+    def wrapper(*args, scheduler, timeout, curve_dir, key_name, **kwargs):
+        return fn(*args, conn=Connection(scheduler_address(scheduler), load_keys(curve_dir, "admin", key_name),
+                                         timeout_s=timeout), **kwargs)
 
     wrapper = curve_client_options(wrapper)
+    wrapper = click.option("--timeout", type=click.FloatRange(0.1, 3600), default=CLIENT_TIMEOUT_S,
+                           show_default=True, metavar="SECONDS",
+                           help="How long to wait for the scheduler's answer.")(wrapper)
     return click.option("--scheduler", default=None,
                         help="Scheduler address (or PSCLUSTER_SCHEDULER, or DMLC_PS_ROOT_URI/PORT).")(wrapper)
