@@ -151,6 +151,19 @@ def _source(path: str, v: Any) -> str:
     return v
 
 
+# `init_from`: where a job's first parameters come from instead of its seeded initialisation.
+INIT_JOB_RE = re.compile(r"^job:[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_INIT_PATH_CHARS = 4096
+
+
+@_allowing("job:JOB_ID (that job's parameters) or file:PATH (a file psctl export wrote)")
+def _init_from(path: str, v: Any) -> str:
+    if isinstance(v, str) and (INIT_JOB_RE.fullmatch(v) or (
+            v.startswith("file:") and 5 < len(v) <= MAX_INIT_PATH_CHARS and "\x00" not in v)):
+        return v
+    raise SpecError(path, _init_from.allowed, v)
+
+
 @_allowing("letters, digits, '.', '_' or '-' (at most 64, starting alphanumeric)")
 def _name(path: str, v: Any) -> str:
     if not isinstance(v, str) or not NAME_RE.fullmatch(v):
@@ -250,6 +263,8 @@ JOB = {
     "eval_every": Field(_int(0, MAX_STEPS), 0, "evaluate every N steps (0: once per epoch of a partition)"),
     "checkpoint_every": Field(_int(0, MAX_STEPS), 0, "servers checkpoint every N versions (0: off)"),
     "partition_bytes": Field(_int(1024, 1 << 30), DEFAULT_PARTITION_BYTES, "largest slice of a tensor on one shard"),
+    "init_from": Field(_opt(_init_from), None, "first parameters: job:JOB_ID or file:PATH (psctl export); "
+                       "null: seeded"),
     "model": MODEL,
     "data": DATA,
     "optimizer": OPTIMIZER,

@@ -77,6 +77,8 @@ class Create(Message):
     optimizer (BatchNorm running statistics).
     checkpoint_every: write a checkpoint each time the table's version
     crosses a multiple of this (0 = only when asked).
+    init_from: a job id whose table (same plan) this shard copies the
+    values of, as loaded initial values ("" = none; `init_from: job:ID`).
     """
 
     OP: ClassVar[str] = "create"
@@ -86,6 +88,7 @@ class Create(Message):
     policy: dict = field(default_factory=dict)
     nonlearned: list = field(default_factory=list, metadata={"items": str})
     checkpoint_every: int = 0
+    init_from: str = ""
     slices: tuple = ()
 
 
@@ -183,6 +186,32 @@ class Checkpoint(Message):
     """Write a checkpoint of `job` now ("" = every job)."""
 
     OP: ClassVar[str] = "checkpoint"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Restore(Message):
+    """Replace `job`'s table with its complete checkpoint of `version` on this
+    shard: values, optimizer state, clocks and version (a job-wide rollback
+    to the same cut on every shard). Refused (bad_state, with the reason)
+    when that checkpoint is missing or fails a check."""
+
+    OP: ClassVar[str] = "restore"
+    version: int = -1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reshard(Message):
+    """Make `job`'s table on this shard under `plan` (another shard count) from the
+    complete checkpoint of `version` that the shards of `old_plan` wrote under the
+    checkpoint root every shard shares: each of this shard's new slices is cut out
+    of the old slices it overlaps, values and optimizer state alike. Replaces the
+    job's table here, if any. Refused (bad_state, with the reason) when a file
+    it needs is missing or fails a check."""
+
+    OP: ClassVar[str] = "reshard"
+    version: int = -1
+    plan: dict = field(default_factory=dict)
+    old_plan: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -284,6 +313,14 @@ class Cancel(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Resume(Message):
+    """Run a failed or cancelled job again from where its partitions stood, on its tables as the
+    shards hold them or, where a shard restarted, from the job's newest complete checkpoint."""
+
+    OP: ClassVar[str] = "resume"
+
+
+@dataclass(frozen=True, kw_only=True)
 class List(Message):
     """List every job the scheduler knows, newest first."""
 
@@ -342,8 +379,8 @@ class Error(Message):
 KINDS: dict[str, type[Message]] = {
     cls.OP: cls
     for cls in (
-        Create, Load, Pull, Push, PushPull, Membership, Stats, Checkpoint, Drop, Shutdown,
-        Register, Heartbeat, Assign, Report, Submit, Status, Cancel, List, Export, Evict, Logs,
+        Create, Load, Pull, Push, PushPull, Membership, Stats, Checkpoint, Restore, Reshard, Drop, Shutdown,
+        Register, Heartbeat, Assign, Report, Submit, Status, Cancel, Resume, List, Export, Evict, Logs,
         Ok, Error,
     )
 }

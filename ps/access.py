@@ -25,6 +25,8 @@ SHARD_ALLOWED: dict[str, frozenset] = {
     "push_pull": frozenset({WORKER}),
     "pull": frozenset({WORKER, ADMIN}),   # an admin reads for `psctl export`
     "checkpoint": frozenset({SCHEDULER, ADMIN}),
+    "restore": frozenset({SCHEDULER, ADMIN}),
+    "reshard": frozenset({SCHEDULER, ADMIN}),
     "drop": frozenset({SCHEDULER, ADMIN}),
     "shutdown": frozenset({ADMIN}),
 }

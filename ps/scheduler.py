@@ -70,6 +70,9 @@ class Scheduler(RouterDaemon):
             max_model_bytes=default_max_model_bytes() if max_model_bytes is None else max_model_bytes,
             max_failures=max_failures, metrics=self.metrics, wall_offset=time.time() - clock(),
             public_key=keys.ring.public.get if keys is not None else None)
+        # A row load() skipped stays in the store with its number: new jobs are numbered after it, or the
+        # first submit would collide with it on disk.
+        self.state.next_seq = max(self.state.next_seq, self.store.last_seq() + 1)
         # Every message kind goes to the machine, which answers the ones it does not serve.
         self.ops = dict.fromkeys(KINDS, self._dispatch)
 

@@ -5,14 +5,18 @@ scheduler and everything said on it, so the shard's loop only polls the
 socket and calls `on_readable()` and `tick(now)`:
 
 - `register()` announces the shard (its id, or -1 to be given one; its
-  address; the jobs it holds). The scheduler answers with the heartbeat
+  address; the jobs it holds; `restored`: the checkpoint version of each
+  job it restored from disk at start). The scheduler answers with the heartbeat
   interval for servers, which the link then beats at (before that answer,
   DEFAULT_HEARTBEAT_INTERVAL_S).
 - `claim(timeout_s)` registers without an id and waits, bounded, for the
   one the scheduler gives (`psctl server` without --shard-id); the shard
   calls it at startup (`Shard.start`), never while being constructed.
 - `tick(now)` sends a heartbeat (Paranoid Pirate) when one is due; time is
-  passed in, so tests move it by hand.
+  passed in, so tests move it by hand. A shard with checkpoints adds
+  `checkpoints`: job -> the complete, valid versions it holds on disk
+  (ascending, a few each: the scheduler rolls a job back only to a version
+  every shard lists).
 - `on_readable()` reads the scheduler's answers: a new interval is
   adopted, `reregister` (a restarted scheduler that forgot us) registers again.
   The first answer to a registration makes the link `registered` and calls
@@ -65,6 +69,9 @@ class SchedulerLink:
 
     `jobs()` gives the shard's tables' summaries (job -> summary) for each
     heartbeat; its keys are the jobs announced at registration.
+    `checkpoints()` (None: no checkpoints) gives job -> checkpoint versions
+    for each heartbeat; `restored` is job -> the version restored at start,
+    told at every registration.
     """
 
     ctx: object
@@ -74,6 +81,8 @@ class SchedulerLink:
     jobs: Callable[[], dict]
     interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S
     keys: ClientKeys | None = None              # CURVE: this shard's pair and the scheduler's public key
+    checkpoints: Callable[[], dict] | None = None
+    restored: dict = field(default_factory=dict)
     sock: object = None
     next_beat: float = 0.0                      # when the next beat is due; the first tick beats at once
     # This process, told apart from a restart at the same address: the scheduler
@@ -114,7 +123,8 @@ class SchedulerLink:
         """Announce this shard (id or -1, address, jobs held); returns the request id."""
         self._register_rid = self._send(Register(
             role="server", addr=self.advertise, shard=-1 if self.shard is None else self.shard,
-            info={"host": pysocket.gethostname(), "instance": self.instance, "jobs": sorted(self.jobs())}))
+            info={"host": pysocket.gethostname(), "instance": self.instance, "jobs": sorted(self.jobs()),
+                  "restored": dict(self.restored)}))
         return self._register_rid
 
     def claim(self, timeout_s: float = CLAIM_TIMEOUT_S, *, clock: Callable[[], float] = time.monotonic) -> int:
@@ -155,8 +165,10 @@ class SchedulerLink:
             return
         self._last_beat = now
         self.next_beat = now + self.interval_s
-        self._send(Heartbeat(role="server", state={"shard": self.shard, "addr": self.advertise,
-                                                   "jobs": self.jobs()}))
+        state = {"shard": self.shard, "addr": self.advertise, "jobs": self.jobs()}
+        if self.checkpoints is not None:
+            state["checkpoints"] = self.checkpoints()
+        self._send(Heartbeat(role="server", state=state))
         if not self.registered:
             self._warn_unregistered(now)
 

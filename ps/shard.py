@@ -4,7 +4,10 @@ Holds, for every job, its slices of every parameter tensor, their optimizer
 state and the job's clock table (via the job's consistency policy). Every
 message is decoded and validated before use; a bad one is answered with an
 `error` reply, counted, and the shard goes on serving (README.md, "Wire
-protocol"). Single-threaded: no locks; the metrics exporter only reads.
+protocol"). One loop, no locks: checkpoint files are written and read by
+one background thread that shares nothing with the loop but the snapshots
+and tasks handed to it (ps/checkpoint_writer.py, ps/shard_checkpoints.py);
+the metrics exporter only reads.
 
 Requests are safe to repeat: a push is identified by
 (job, worker, rid); a repeated one is answered from the last reply instead
@@ -38,13 +41,15 @@ from protocol.partitions import partition_key
 from protocol.plan import Plan
 from protocol.validate import check_job_id, check_payload, check_sids
 from protocol.version import DEFAULT_MAX_MESSAGE_BYTES
-from ps import checkpoint
 from ps.access import SHARD_ALLOWED, check_member, check_read
+from ps.checkpoint import BadCheckpoint
 from ps.hosts import advertised_endpoint
 from ps.optim import make_optimizer
-from ps.policy import Accumulate, Answer, Apply, ApplyMean, Duplicate, Park, Policy, Refuse, Release, make_policy
+from ps.policy import Accumulate, Answer, Apply, ApplyMean, Duplicate, Park, Refuse, Release, make_policy
+from ps.reshard import resharded_table
 from ps.router import RouterDaemon
 from ps.scheduler_link import CLAIM_TIMEOUT_S, SchedulerLink
+from ps.shard_checkpoints import ShardCheckpoints
 from ps.table import JobTable
 from ps.transport import bind_router, stop_authenticator
 
@@ -71,7 +76,7 @@ def default_max_table_bytes() -> int:
         return 8 << 30
 
 
-class Shard(RouterDaemon):
+class Shard(RouterDaemon, ShardCheckpoints):
     """One parameter-server shard. `serve()` blocks until shutdown or `stop()`."""
 
     ROLE = "server shard"
@@ -106,20 +111,25 @@ class Shard(RouterDaemon):
         self.now = clock
         self.tables: dict[str, JobTable] = {}
         self.pending_membership: dict[str, Membership] = {}   # for tables not created yet
+        self.memberships: dict[str, Membership] = {}  # each table's latest, applied again after a `restore`
         self.parked: dict[tuple, tuple] = {}      # token -> (envelope, msg, sids)
         self.last_reply: dict[tuple, tuple] = {}  # (job, worker) -> (rid, frames or None)
         self.stopping = False
         self.scheduler_addr = scheduler
         self.claim_timeout_s = claim_timeout_s
+        self._init_checkpoints()
         self.link = SchedulerLink(self.ctx, scheduler, advertise=self.advertise, shard=shard_id,
-                                  jobs=self._job_summaries,
+                                  jobs=self._job_summaries, restored=self.restored,
+                                  checkpoints=self._checkpoint_lists if checkpoint_dir else None,
                                   keys=keys.client(keys.ring.scheduler_key()) if keys else None) if scheduler else None
         self._started = False
         self.on_ready: Callable[[], None] | None = None  # called once from the loop: registered, or serving
         self.ops = {
             "create": self.on_create, "load": self.on_load, "pull": self.on_pull, "push": self.on_push,
             "push_pull": self.on_push_pull, "membership": self.on_membership, "stats": self.on_stats,
-            "checkpoint": self.on_checkpoint, "drop": self.on_drop, "shutdown": self.on_shutdown,
+            "checkpoint": self.on_checkpoint, "restore": self.on_restore, "reshard": self.on_reshard,
+            "drop": self.on_drop,
+            "shutdown": self.on_shutdown,
         }
         self._staleness_hists: dict = {}  # job -> its staleness histogram
         self._repeats: set = set()         # push tokens a policy answered as Duplicate
@@ -146,15 +156,17 @@ class Shard(RouterDaemon):
                 raise
             registered = True
         if self.checkpoint_dir:
-            self._restore_all()
-        if self.link is not None and not registered:
-            self.link.register()
+            self._start_checkpoints()
+        if self.link is not None and (not registered or self.restored):
+            self.link.register()  # (again, after a claim: what was restored is news to the scheduler)
 
     def serve(self) -> None:
         """Answer requests until `shutdown` arrives or `stop()` is called; then close the sockets."""
         self.start()
         link_sock = self.link.connect() if self.link is not None else None
         others = {link_sock: self.link.on_readable} if link_sock is not None else {}
+        if self.writer is not None:  # a pipe: readable when the writer thread finished something
+            others[self.writer.fileno()] = self._on_writer
         log.info("serving", extra={"shard": self.shard_id, "addr": self.endpoint})
         if self.link is None or self.link.registered:
             self._ready()
@@ -170,6 +182,7 @@ class Shard(RouterDaemon):
         self.stopping = True
 
     def close(self) -> None:
+        self._close_checkpoints()  # bounded: the writes it queued, then the sockets
         self.sock.close(0)
         if self.keys is not None:
             stop_authenticator(self.ctx)
@@ -196,6 +209,50 @@ class Shard(RouterDaemon):
         return table
 
     # --- table creation and removal ---
+
+    def on_reshard(self, envelope: list, msg) -> None:
+        """The job's table under a plan of another shard count, from its old shards' checkpoint files
+        (ps/reshard.py). Read on the loop: it happens once, as the job starts again."""
+        check_job_id(msg.job, rid=msg.rid)
+        if not self.checkpoint_dir:
+            raise ProtocolError(ErrorCode.BAD_STATE, "this shard runs without --checkpoint-dir", rid=msg.rid)
+        try:
+            new, old = Plan.from_wire(msg.plan), Plan.from_wire(msg.old_plan)
+        except ProtocolError as exc:
+            raise ProtocolError(ErrorCode.BAD_PLAN, exc.message, rid=msg.rid) from None
+        if not 0 <= self.shard_id < new.num_shards:
+            raise ProtocolError(ErrorCode.BAD_PLAN, f"plan has {new.num_shards} shards; this is shard "
+                                f"{self.shard_id}", rid=msg.rid)
+        try:
+            table = resharded_table(self.checkpoint_dir, msg.job, msg.version, old, new, self.shard_id)
+        except (BadCheckpoint, ValueError) as exc:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"cannot cut job {msg.job!r} onto {new.num_shards} shards "
+                                f"from version {msg.version}: {exc}", rid=msg.rid) from None
+        for token in [t for t in self.parked if t[0] == msg.job]:
+            env, req, _sids = self.parked.pop(token)
+            self._reject(env, ProtocolError(ErrorCode.REASSIGNED, f"job {msg.job!r} was cut onto another shard "
+                                            "count: ask the scheduler again", rid=req.rid), job=msg.job)
+        self.tables[msg.job] = table
+        self.ckpt_versions[msg.job] = []   # the files here are the old layout's
+        latest = self.memberships.get(msg.job) or self.pending_membership.pop(msg.job, None)
+        if latest is not None and latest.epoch > table.policy.epoch:
+            self._apply_membership(table, latest)
+        log.info("table cut onto a new plan", extra={"job": msg.job, "version": table.version,
+                                                     "shards": new.num_shards, "was": old.num_shards})
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={
+            "job": msg.job, "version": table.version, "clocks": dict(table.policy.clocks)})))
+
+    def _values_of(self, job: str, plan, rid: int) -> dict:
+        """Copies of job `job`'s values here, to start another job with the same plan from them
+        (`init_from: job:ID`); its optimizer state and clocks stay with it."""
+        source = self.tables.get(job)
+        if source is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"init_from: job {job!r:.60} has no table on shard "
+                                f"{self.shard_id} (dropped, or this server restarted without its checkpoint)",
+                                rid=rid)
+        if source.plan.digest != plan.digest:
+            raise ProtocolError(ErrorCode.BAD_PLAN, f"init_from: job {job!r:.60} has another plan", rid=rid)
+        return dict(source.values)  # JobTable copies what it is given
 
     def on_create(self, envelope: list, msg) -> None:
         check_job_id(msg.job, rid=msg.rid)
@@ -227,6 +284,8 @@ class Shard(RouterDaemon):
         if msg.slices or not held:  # the values now, or (none: the scheduler creates) in a `load`
             check_payload(msg.slices, held, rid=msg.rid, job=msg.job, complete=True)
         initial = {sl.sid: sl.data for sl in msg.slices} if msg.slices or not held else None
+        if msg.init_from:
+            initial = self._values_of(msg.init_from, plan, msg.rid)
         table = JobTable(msg.job, plan, self.shard_id, optimizer, policy, nonlearned=msg.nonlearned,
                          initial=initial, checkpoint_every=msg.checkpoint_every)
         self.tables[msg.job] = table
@@ -259,6 +318,7 @@ class Shard(RouterDaemon):
     def on_drop(self, envelope: list, msg) -> None:
         table = self.tables.pop(msg.job, None)
         self.pending_membership.pop(msg.job, None)
+        self.memberships.pop(msg.job, None)
         self._staleness_hists.pop(msg.job, None)
         self.metrics.forget_job(msg.job)  # its series end with its table
         if table is not None:
@@ -267,10 +327,13 @@ class Shard(RouterDaemon):
                 self._reject(env, ProtocolError(ErrorCode.UNKNOWN_JOB, f"job {msg.job!r} was dropped", rid=req.rid))
             for key in [k for k in self.last_reply if k[0] == msg.job]:
                 del self.last_reply[key]
-        if self.checkpoint_dir:
+        frames = encode(Ok(rid=msg.rid, job=msg.job, body={"dropped": table is not None}))
+        if self.writer is not None:
             check_job_id(msg.job, rid=msg.rid)
-            checkpoint.remove(self.checkpoint_dir, msg.job, self.shard_id)
-        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"dropped": table is not None})))
+            # Answered once the files are gone, after any write of the job still queued.
+            self._remove_checkpoints(msg.job, lambda: self._send(envelope, frames))
+            return
+        self._send(envelope, frames)
 
     # --- data path ---
 
@@ -439,9 +502,15 @@ class Shard(RouterDaemon):
         if msg.epoch > table.policy.epoch:
             table.readers = frozenset(msg.readers)
         self._run(table, table.policy.on_membership(msg.epoch, dict(msg.workers), dict(msg.holders)), {})
+        if table.policy.epoch == msg.epoch:
+            self.memberships[table.job] = msg
 
     def on_stats(self, envelope: list, msg) -> None:
-        jobs = {job: t.summary() for job, t in self.tables.items() if not msg.job or job == msg.job}
+        # Answered once the checkpoint work asked before it is done, so the versions it lists are on disk.
+        self._after_checkpoint_work(lambda: self._send(envelope, encode(Ok(rid=msg.rid, body=self._stats(msg.job)))))
+
+    def _stats(self, only: str) -> dict:
+        jobs = {job: t.summary() for job, t in self.tables.items() if not only or job == only}
         body = {
             "shard": self.shard_id,
             "addr": self.advertise,
@@ -456,51 +525,14 @@ class Shard(RouterDaemon):
             "bytes_sent": int(self.metrics.get("bytes_sent_total")),
             "parked": len(self.parked),
         }
-        self._send(envelope, encode(Ok(rid=msg.rid, body=body)))
-
-    def on_checkpoint(self, envelope: list, msg) -> None:
-        if not self.checkpoint_dir:
-            raise ProtocolError(ErrorCode.BAD_STATE, "this shard runs without --checkpoint-dir", rid=msg.rid)
-        jobs = [self._table(msg)] if msg.job else list(self.tables.values())
-        written = {t.job: str(self._checkpoint(t)) for t in jobs}
-        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"written": written})))
+        if self.writer is not None:
+            body["checkpoints"] = {job: c for job, c in self._checkpoint_stats().items() if not only or job == only}
+        return body
 
     def on_shutdown(self, envelope: list, msg) -> None:
         self._send(envelope, encode(Ok(rid=msg.rid, body={"shard": self.shard_id})))
         log.info("shutdown requested", extra={"shard": self.shard_id})
         self.stopping = True
-
-    # --- checkpoints ---
-
-    def _maybe_checkpoint(self, table: JobTable) -> None:
-        every = table.checkpoint_every
-        if not (self.checkpoint_dir and every) or table.pending_sums():
-            return
-        if table.version // every > table.last_checkpoint_version // every:
-            self._checkpoint(table)
-
-    def _checkpoint(self, table: JobTable):
-        path = checkpoint.save(self.checkpoint_dir, table)
-        table.last_checkpoint_version = table.version
-        self.metrics.inc("checkpoints_total")
-        log.info("checkpoint written", extra={"job": table.job, "version": table.version, "path": str(path)})
-        return path
-
-    def _restore_all(self) -> None:
-        for job in checkpoint.jobs_on_disk(self.checkpoint_dir, self.shard_id):
-            path = checkpoint.latest(checkpoint.job_dir(self.checkpoint_dir, job, self.shard_id))
-            try:
-                meta, values, state = checkpoint.read(path)
-                plan = Plan.from_wire(meta["plan"])
-                table = JobTable(job, plan, self.shard_id, make_optimizer(meta["optimizer"]),
-                                 Policy.from_state(meta["policy"]), nonlearned=meta["nonlearned"],
-                                 initial=values, checkpoint_every=meta["checkpoint_every"])
-                table.load_state(state)
-            except Exception as exc:  # an unreadable checkpoint must not stop the shard serving others
-                log.error("checkpoint not restored", extra={"job": job, "path": str(path), "why": repr(exc)})
-                continue
-            self.tables[job] = table
-            log.info("restored", extra={"job": job, "version": table.version, "path": str(path)})
 
     def _job_summaries(self) -> dict:
         """Every table's summary by job: what heartbeats tell the scheduler."""

@@ -72,7 +72,7 @@ def test_every_plugged_in_command_loads():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     plugged = [line for line in cfg["options.entry_points"]["psctl.commands"].splitlines() if "=" in line]
-    assert out.stdout.split() == [str(5 + len(plugged)), "3"]
+    assert out.stdout.split() == [str(5 + len(plugged)), "4"]
 
 
 def test_importing_the_cli_loads_neither_worker_nor_cupy():

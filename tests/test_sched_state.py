@@ -152,7 +152,9 @@ def test_an_assign_starts_a_queued_job_and_answers_only_after_every_shard_acked(
     out = d.assign("w1")
     assert replies(out, "w1/assign") == []
     [started] = persists(out, job)
+    progress = started.fields.pop("progress")
     assert started.fields == {"state": "running", "started": 1001.0, "shards": list(SHARDS)}
+    assert progress["instances"] == {"0": "", "1": ""}   # which server processes hold its tables
     run = d.m.runs[job]
     assert run.init_worker == "w1" and run.held_by("w1") == [0, 1, 2]
     calls = memberships(out)

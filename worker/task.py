@@ -215,6 +215,26 @@ class Task:
             return model.arrays()
         return {k: self.device.to_host(v).copy() for k, v in model.arrays().items()}
 
+    def _initial_values(self, host: dict) -> None:
+        """`init_from: file:PATH`: the tables start from an export file's tensors (read under this worker's
+        data roots, as data files are) instead of the seeded values. (`job:ID` needs nothing here: the
+        shards copy that job's table when they create this one, and ignore this load.)"""
+        source = self.spec.get("init_from") or ""
+        if not source.startswith("file:"):
+            return
+        from worker.data.roots import PathGuard
+        from worker.export_file import ExportFileError, check_tensors, read_export
+
+        try:
+            path = str(PathGuard(f"init_from {source}", self.data.roots).resolve(source[len("file:"):]))
+            _spec, tensors, _meta = read_export(path)
+            check_tensors(path, {n: (a.shape, a.dtype.name) for n, a in host.items()}, tensors)
+        except (DataError, ExportFileError) as exc:
+            raise Fatal(f"init_from: {exc}") from None
+        for name, arr in host.items():
+            arr[...] = tensors[name]
+        log.info("initial values from a file", extra={"job": self.job, "path": path})
+
     def _load(self, model, host: dict) -> None:
         if self.device.name != "cpu":
             model.load(host)
@@ -326,6 +346,7 @@ class Task:
         client = self._client(plan)
         host = self._host_arrays(model)
         if self.a.init:
+            self._initial_values(host)
             client.load(host)  # the scheduler created the tables when it answered the plan
             log.info("tables loaded", extra={"job": self.job, "slices": len(plan.slices)})
             view = self._report("initialized", {})

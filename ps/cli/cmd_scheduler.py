@@ -45,6 +45,7 @@ def scheduler(bind, state_dir, heartbeat_timeout, max_model_bytes, max_failures,
     """Run the scheduler: durable jobs, membership, assignments (blocks until stopped)."""
     from protocol.logfmt import setup_logging
     from protocol.metrics import Health
+    from ps.registry import StoreError
     from ps.scheduler import Scheduler, log
     from ps.transport import BindError
 
@@ -58,7 +59,7 @@ def scheduler(bind, state_dir, heartbeat_timeout, max_model_bytes, max_failures,
         os.makedirs(state_dir, exist_ok=True)
         sched = Scheduler(bind, state_dir, heartbeat_timeout_s=heartbeat_timeout, max_model_bytes=max_model_bytes,
                           max_failures=max_failures, keys=keys)
-    except BindError as exc:
+    except (BindError, StoreError) as exc:  # StoreError: a job store that would lie (ps/registry.py), untouched
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot use state dir {state_dir}: {exc.strerror}") from None

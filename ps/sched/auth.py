@@ -5,7 +5,7 @@ connection (`Request.identity`, from the ZAP user id); without CURVE it is
 None and everything is allowed (protected mode keeps such a cluster on
 loopback). The rules:
 
-- admin keys: submit, cancel, shutdown, export, evict a shard;
+- admin keys: submit, cancel, resume, shutdown, export, evict a shard;
 - server keys: register and heartbeat as a server;
 - worker keys: register, heartbeat, assign and report as a worker, under a
   worker id the key owns (its name, or its name and a dash before anything);
@@ -20,7 +20,7 @@ from __future__ import annotations
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.keys import Identity
 
-ADMIN_OPS = frozenset({"submit", "cancel", "shutdown", "export", "evict"})
+ADMIN_OPS = frozenset({"submit", "cancel", "resume", "shutdown", "export", "evict"})
 WORKER_OPS = frozenset({"assign", "report"})
 ROLE_OPS = frozenset({"register", "heartbeat"})   # the role the message names must be the key's
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import MAX_STEPS, MAX_WORKERS
+from protocol.partitions import partition_index
 from protocol.plan import MAX_DIMS, MAX_NAME_CHARS, MAX_TENSORS
 
 # Free-form facts a daemon registers with (host, pid, device): kept short.
@@ -146,3 +147,59 @@ def tensors(raw: Any, rid: int) -> list[tuple[str, tuple[int, ...], str]]:
     if len({name for name, _s, _d in out}) != len(out):
         raise bad("state.tensors names a tensor twice", rid)
     return out
+
+
+# Checkpoint versions a shard may list per job (it keeps a few: ps/checkpoint.py).
+MAX_CHECKPOINT_VERSIONS = 16
+
+
+def _job_versions(raw: Any, many: bool) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for job, value in list(raw.items())[:MAX_SHARD_JOBS]:
+        if not isinstance(job, str):
+            continue
+        if many:
+            versions = value if isinstance(value, list) else []
+            kept = sorted({v for v in versions[:MAX_CHECKPOINT_VERSIONS] if _int(v, 0, 2**62) is not None})
+            out[job] = kept
+        elif _int(value, 0, 2**62) is not None:
+            out[job] = value
+    return out
+
+
+def shard_checkpoints(state: dict) -> dict[str, list[int]]:
+    """job -> the complete, valid checkpoint versions a server heartbeat lists (malformed: dropped)."""
+    return _job_versions(state.get("checkpoints"), many=True)
+
+
+def restored_jobs(raw_info: Any) -> dict[str, int]:
+    """job -> the checkpoint version a (re)started server restored, from its registration info."""
+    return _job_versions(raw_info.get("restored") if isinstance(raw_info, dict) else None, many=False)
+
+
+def part_clocks(raw: Any, count: int) -> dict[int, int]:
+    """partition index -> step, from a shard's clock table {"p0": 12, ...} (other members and
+    malformed entries dropped)."""
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[int, int] = {}
+    for key, value in list(raw.items())[:MAX_CLOCKS]:
+        index = partition_index(key) if isinstance(key, str) else None
+        if index is not None and index < count and _int(value, 0, 2**62) is not None:
+            out[index] = value
+    return out
+
+
+def init_source(spec: dict, jobs: dict, rid: int) -> None:
+    """`init_from: job:ID` names a job of this scheduler whose parameters exist (BAD_SPEC otherwise)."""
+    source = spec.get("init_from") or ""
+    if not source.startswith("job:"):
+        return
+    record = jobs.get(source[len("job:"):])
+    if record is None:
+        raise ProtocolError(ErrorCode.BAD_SPEC, f"init_from: no job {source[4:]!r} on this scheduler", rid=rid)
+    if not record.plan:
+        raise ProtocolError(ErrorCode.BAD_SPEC, f"init_from: job {record.id} never created its parameters "
+                            f"(it is {record.state})", rid=rid)

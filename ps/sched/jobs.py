@@ -140,6 +140,11 @@ class JobRun:
         self.train_started: float | None = None
         self.train_before = 0.0              # training time under a previous scheduler
         self.train_ended: float | None = None
+        self.rollback: dict | None = None    # under way (ps/sched/checkpoints.py)
+        self.rollbacks: list[dict] = []      # done: {"at", "shard", "version", "steps_lost"}
+        self.checkpoints: list[dict] = []    # complete (every shard wrote it): {"version", "at"}, oldest first
+        self.instances: dict[int, str] = {}  # shard index -> the server process holding its table
+        self.layout_from = -1                # checkpoints at or before this version are another plan's
         self._restore(record.progress or {})
 
     def _restore(self, saved: dict) -> None:
@@ -161,6 +166,15 @@ class JobRun:
             p.segments = [Segment(str(s.get("worker") or ""), s["first"], s["last"], True)
                           for s in (holders if isinstance(holders, list) else [])
                           if isinstance(s, dict) and _count(s.get("first")) and _count(s.get("last"))]
+        for name in ("rollbacks", "checkpoints"):
+            kept = saved.get(name)
+            setattr(self, name, [x for x in kept if isinstance(x, dict) and _count(x.get("version"))][-MAX_HISTORY:]
+                    if isinstance(kept, list) else [])
+        layout = saved.get("layout_from")
+        self.layout_from = layout if _count(layout) else -1
+        instances = saved.get("instances")
+        self.instances = ({int(k): str(v) for k, v in instances.items() if str(k).isdigit()}
+                          if isinstance(instances, dict) else {})
         summary = saved.get("summary")
         before = summary.get("train_s") if isinstance(summary, dict) else None
         self.train_before = float(before) if isinstance(before, (int, float)) and before >= 0 else 0.0
@@ -260,6 +274,23 @@ class JobRun:
             return True
         return False
 
+    def roll_back(self, steps: dict[int, int]) -> int:
+        """Every partition goes back to the step a checkpoint holds (`steps`: index -> step, missing:
+        unchanged); what was trained after it is no longer in the model, and its holders' segments
+        end there. Returns the steps lost."""
+        lost = 0
+        for p in self.partitions:
+            back = min(steps.get(p.index, p.done_steps), p.done_steps)
+            lost += p.done_steps - back
+            p.done_steps = back
+            p.segments = [s for s in p.segments if s.first < back]
+            for seg in p.segments:
+                seg.last = min(seg.last, back)
+            p.failures, p.holder, p.release = 0, None, False
+        self.epoch += 1
+        self.train_ended = None
+        return lost
+
     def members(self) -> tuple[dict, dict]:
         """(start clocks, holders) for the shards: every partition with steps left.
 
@@ -328,6 +359,9 @@ class JobRun:
             "max_staleness": max((p.max_staleness for p in parts), default=0),
             "epoch": self.epoch,
             "stopping": self.stopping,
+            "rolling_back": self.rollback is not None,
+            "rollbacks": len(self.rollbacks),
+            "checkpoint": self.checkpoints[-1]["version"] if self.checkpoints else None,
         }
 
     def sample(self, now: float) -> None:
@@ -344,7 +378,9 @@ class JobRun:
     def progress_record(self, now: float) -> dict:
         """What the job store keeps of a running job (and a finished one's last word)."""
         return {"partitions": [p.wire(self.batch_size) for p in self.partitions],
-                "summary": self.summary(now), "curve": self.curve, "evals": self.history[-MAX_HISTORY:]}
+                "summary": self.summary(now), "curve": self.curve, "evals": self.history[-MAX_HISTORY:],
+                "rollbacks": self.rollbacks, "checkpoints": self.checkpoints[-MAX_HISTORY:],
+                "instances": {str(k): v for k, v in self.instances.items()}, "layout_from": self.layout_from}
 
     def result(self, now: float) -> dict:
         """The job's figures, all summed from what its partitions did."""
@@ -363,6 +399,8 @@ class JobRun:
             "stopped_by": self.stopped_by or "steps",
             "target_accuracy_seen": self.target_seen,
             "partitions": [p.wire(self.batch_size) for p in self.partitions],
+            "rollbacks": self.rollbacks,
+            "checkpoint": self.checkpoints[-1] if self.checkpoints else None,
         }
 
 

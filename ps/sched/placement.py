@@ -45,6 +45,8 @@ class Placement:
             free = self._place_run(run, free)
 
     def _place_run(self, run: JobRun, free: list) -> list:
+        if run.rollback is not None:
+            return free  # nothing is handed out until every shard holds the checkpoint (ps/sched/checkpoints.py)
         if run.stopping:
             if (run.stopped_by == "target" and run.training_finished() and run.final is None
                     and run.eval_worker is None and free):
@@ -129,16 +131,33 @@ class Placement:
 
     def _start(self, record, now: float, out: list) -> JobRun | None:
         shards = self._live_shards()
+        reshard = False
         if record.plan:
             count = Plan.from_wire(record.plan).num_shards
-            shards = shards[:count] if len(shards) >= count else []
+            if self._needs_checkpoint_start(record):
+                if now - self.shards_changed_at < self.heartbeat_timeout_s / 2:
+                    return None  # its shards are coming back: start once the set stops changing
+                reshard = len(shards) > count   # more shards now: cut it onto all of them
+            if not reshard:
+                shards = shards[:count] if len(shards) >= count else []
         if not shards:
             return None
         # A job a previous scheduler started keeps its start: wall_s counts from then.
         started_at = now - max(0.0, self._wall(now) - record.started) if record.started else now
-        run = JobRun(record, shards, epoch_base=self.epoch_base, now=now, started_at=started_at)
+        # Epochs only grow on a shard: a resumed job (same scheduler) starts above its last one.
+        summary = (record.progress or {}).get("summary")
+        last = summary.get("epoch") if isinstance(summary, dict) else None
+        known = isinstance(last, int) and not isinstance(last, bool)
+        base = max(self.epoch_base, last + 1) if known else self.epoch_base
+        run = JobRun(record, shards, epoch_base=base, now=now, started_at=started_at)
+        if reshard:
+            self._begin_reshard(run, out)
+        else:
+            self._shards_at_start(run, out)  # a shard restarted since the job last ran: back to a checkpoint
         self.runs[run.job_id] = run
-        self._persist(out, record, state=RUNNING, started=record.started or self._wall(now), shards=shards)
+        # progress: which server processes hold its tables (a later start compares them)
+        self._persist(out, record, state=RUNNING, started=record.started or self._wall(now), shards=list(run.shards),
+                      progress=run.progress_record(now))
         self._note(run.job_id, "started", f"started on {len(shards)} shard(s): {', '.join(shards)}",
                    shards=len(shards), partitions=len(run.partitions))
         return run

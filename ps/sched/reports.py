@@ -105,6 +105,12 @@ class Reports:
             raise checks.bad(f"state.tensors: no plan can be made of them: {exc}", msg.rid) from None
         if run.plan is not None and run.plan.digest != plan.digest:
             raise ProtocolError(ErrorCode.BAD_PLAN, "this model's tensors differ from the job's plan", rid=msg.rid)
+        source = self.jobs.get((run.spec.get("init_from") or "")[len("job:"):]) \
+            if (run.spec.get("init_from") or "").startswith("job:") else None
+        if source is not None and (source.plan or {}).get("digest") != plan.digest:
+            self._fail(run, f"init_from: job {source.id} has other tensors or another shard count than this job "
+                       f"(its plan differs): export it (psctl export) and start from the file instead")
+            return {"stop": True}
         owed = steps_owed(run.spec, size)
         for p in run.partitions:
             if p.steps is None:
@@ -125,10 +131,12 @@ class Reports:
         """Ask shard k to create the job's table (the values come from the initialising worker: `load`)."""
         call = next(self._call_ids)
         self.calls[call] = ("create", run.job_id, k, 0)
+        init = run.spec.get("init_from") or ""
         msg = Create(job=run.job_id, plan=run.plan.to_wire(),
                      optimizer=schedule_length(run.spec, [p.steps for p in run.partitions]),
                      policy=run.spec["consistency"], nonlearned=list(run.record.nonlearned),
-                     checkpoint_every=int(run.spec.get("checkpoint_every") or 0))
+                     checkpoint_every=int(run.spec.get("checkpoint_every") or 0),
+                     init_from=init[len("job:"):] if init.startswith("job:") else "")
         out.append(CallShard(call, run.shards[k], msg, key=self._shard_key(k, run.shards[k])))
 
     def _created(self, run: JobRun, k: int, reply, out: list) -> None:
@@ -207,6 +215,10 @@ class Reports:
     def _report_failed(self, run: JobRun, worker, msg, now, out) -> dict:
         error = checks.error_text(msg.state.get("error"), "a worker failed without saying why")
         fatal = msg.state.get("fatal") is True
+        if run.rollback is not None and run.eval_worker != worker.id and worker.job == run.job_id:
+            # Its partitions were taken back for a rollback: what failed is the rollback's doing.
+            self._leave(run, worker)
+            return {"stop": True}
         if run.eval_worker != worker.id and not run.held_by(worker.id):
             raise self._not_yours(f"worker {worker.id!r:.60} holds no partition of job "
                                                       f"{run.job_id}: its failure is not the job's", rid=msg.rid)

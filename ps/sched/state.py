@@ -38,6 +38,7 @@ from protocol.metrics import MetricsRegistry
 from protocol.plan import MAX_SHARDS
 from ps.sched import checks
 from ps.sched.auth import authorize
+from ps.sched.checkpoints import Checkpoints
 from ps.sched.events import CallShard, Note, Persist, Reply, Request, ShardAnswer, Tick
 from ps.sched.jobs import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord, JobRun
 from ps.sched.placement import Placement
@@ -101,9 +102,10 @@ class ServerPeer:
     stats: dict = field(default_factory=dict)   # job -> its table's summary, from heartbeats
     identity: Identity | None = None            # the CURVE key it registered with
     key: str = ""                               # that key's public half, for the calls to it
+    checkpoints: dict = field(default_factory=dict)  # job -> complete checkpoint versions it holds
 
 
-class SchedulerState(Placement, Reports, Views):
+class SchedulerState(Placement, Reports, Views, Checkpoints):
     """Jobs, membership and assignments. `handle(event) -> instructions`; never raises."""
 
     def __init__(self, records: list[JobRecord], *, incarnation: int = 1,
@@ -130,6 +132,7 @@ class SchedulerState(Placement, Reports, Views):
         self.wall_offset = wall_offset              # wall clock = now + wall_offset (for records)
         self.public_key = public_key or (lambda identity: None)   # CURVE: a key's public half
         self._saved_at = self._sampled_at = float("-inf")
+        self.shards_changed_at = float("-inf")      # when a server last registered (ps/sched/placement.py)
         self.identity: Identity | None = None
         self._now = 0.0                             # the current event's time, for notes
         self._notes: list[Note] = []                # job events noted while handling it
@@ -139,7 +142,7 @@ class SchedulerState(Placement, Reports, Views):
             "report": self.on_report, "submit": self.on_submit, "status": self.on_status,
             "cancel": self.on_cancel, "list": self.on_list, "export": self.on_export,
             "stats": self.on_stats, "shutdown": self.on_shutdown, "evict": self.on_evict,
-            "logs": self.on_logs,
+            "logs": self.on_logs, "resume": self.on_resume,
         }
 
     # --- the one entry point ---
@@ -242,8 +245,10 @@ class SchedulerState(Placement, Reports, Views):
                                     f"(psctl evict-shard {shard})", rid=msg.rid)
             key = self.public_key(req.identity) if req.identity is not None else None
             self.servers[shard] = ServerPeer(shard, addr, now, info, identity=req.identity, key=key or "")
+            self.shards_changed_at = now
             log.info("server registered", extra={"shard": shard, "addr": addr})
             self._shard_came_back(shard, addr, out)
+            self._shard_restarted(shard, info.get("instance", ""), checks.restored_jobs(msg.info), out)
         elif msg.role == "worker":
             if not msg.worker:
                 raise checks.bad("a worker registers with its worker id", msg.rid)
@@ -290,6 +295,7 @@ class SchedulerState(Placement, Reports, Views):
                 raise ProtocolError(ErrorCode.FORBIDDEN, f"heartbeat from {req.identity.user_id} refused: shard "
                                     f"{shard} registered with another key", rid=msg.rid)
             peer.last_seen, peer.stats = now, checks.shard_stats(msg.state)
+            self._shard_checkpoints(peer, msg.state, out)
             self._ok(out, req, {})
             return
         peer = self.workers.get(msg.worker)
@@ -402,6 +408,7 @@ class SchedulerState(Placement, Reports, Views):
             raise ProtocolError(ErrorCode.BAD_SPEC, f"model: its parameters need at least {least:,} bytes, over "
                                 f"this scheduler's limit of {self.max_model_bytes:,} (--max-model-bytes)",
                                 rid=msg.rid)
+        checks.init_source(spec, self.jobs, msg.rid)
         seq = self.next_seq
         self.next_seq += 1
         record = JobRecord(id=f"{spec['name']}-{seq}", seq=seq, name=spec["name"], state=QUEUED, spec=spec,
@@ -450,7 +457,7 @@ class SchedulerState(Placement, Reports, Views):
 
     def _shard_answer(self, event: ShardAnswer, out: list) -> None:
         call = self.calls.pop(event.call, None)
-        if call is None or call[0] not in ("membership", "create"):
+        if call is None or call[0] not in ("membership", "create", "restore"):
             return
         kind, job, k, epoch = call
         run = self.runs.get(job)
@@ -458,6 +465,9 @@ class SchedulerState(Placement, Reports, Views):
             return
         if kind == "create":
             self._created(run, k, event.reply, out)
+            return
+        if kind == "restore":
+            self._restored(run, k, epoch, event.reply, out)  # `epoch` holds the version asked
             return
         if isinstance(event.reply, Ok):
             run.acked[k] = max(run.acked.get(k, 0), epoch)

@@ -10,7 +10,7 @@ import logging
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobstate import FINAL_STATES
 from ps.sched.events import ReadNotes, Stop
-from ps.sched.jobs import CANCELLED, JobRecord
+from ps.sched.jobs import CANCELLED, FAILED, QUEUED, JobRecord
 
 log = logging.getLogger("pscluster.scheduler")
 
@@ -50,6 +50,8 @@ class Views:
         body["partitions"] = saved.get("partitions", [])
         body["history"] = saved.get("evals", [])[-STATUS_HISTORY:]
         body["curve"] = saved.get("curve", [])
+        body["rollbacks"] = saved.get("rollbacks", [])
+        body["checkpoints"] = saved.get("checkpoints", [])[-STATUS_HISTORY:]
         body["shard_stats"] = self._shard_stats(record.id)
         self._ok(out, req, body)
 
@@ -107,12 +109,32 @@ class Views:
                    level=logging.INFO)
         self._ok(out, req, {"job": record.id, "state": CANCELLED})
 
+    def on_resume(self, req, out: list) -> None:
+        """A failed or cancelled job runs again: queued, its partitions' steps kept, started the way a
+        restarted scheduler starts the jobs it was running (ps/sched/placement.py); a shard that
+        restarted meanwhile rolls it back to its newest complete checkpoint (ps/sched/checkpoints.py)."""
+        record = self._record(req.msg)
+        if record.state not in (FAILED, CANCELLED):
+            raise ProtocolError(ErrorCode.BAD_STATE, f"job {record.id} is {record.state}: only a failed or "
+                                "cancelled job resumes", rid=req.msg.rid)
+        if record.id in self.runs:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"job {record.id} is still stopping (its workers are leaving): "
+                                "try again in a few seconds", rid=req.msg.rid)
+        if not record.plan:
+            raise ProtocolError(ErrorCode.BAD_STATE, f"job {record.id} never created its parameters: submit it "
+                                "again instead", rid=req.msg.rid)
+        was = record.state
+        self._persist(out, record, state=QUEUED, finished=None, result={}, error="")
+        self._note(record.id, "resumed", f"resumed (it was {was}): it runs again from where its partitions stood",
+                   was=was)
+        self._ok(out, req, {"job": record.id, "state": QUEUED})
+
     def on_export(self, req, out: list) -> None:
         record = self._record(req.msg)
         if not record.plan:
             raise ProtocolError(ErrorCode.BAD_STATE, f"job {record.id} has no parameters yet (state {record.state})",
                                 rid=req.msg.rid)
-        self._ok(out, req, {"job": record.id, "state": record.state, "plan": record.plan,
+        self._ok(out, req, {"job": record.id, "state": record.state, "plan": record.plan, "spec": record.spec,
                             "shards": list(record.shards), "nonlearned": list(record.nonlearned),
                             "shard_keys": [self._shard_key(k, addr) for k, addr in enumerate(record.shards)],
                             "result": record.result})

@@ -134,6 +134,33 @@ def _plot(rows: list[dict], path: str, job: str) -> None:
         click.echo(f"loss curve written to {written}", err=True)
 
 
+def init_source(value: str, spec: dict) -> str:
+    """`--init-from`: an export file (checked here: it loads and its model is the job's) or a job id."""
+    import os
+
+    from protocol.jobspec import SpecError, validate_job
+
+    if os.path.exists(value):
+        from worker.export_file import ExportFileError, load_export
+
+        try:
+            theirs, _tensors, _meta = load_export(value)
+        except ExportFileError as exc:
+            raise BadInput(f"--init-from: {exc}") from None
+        if theirs["model"] != spec["model"]:
+            raise BadInput(f"--init-from: {value} holds a {theirs['model']['kind']} model other than this job's "
+                           f"(model section {theirs['model']} vs {spec['model']})")
+        source = "file:" + os.path.abspath(value)
+    else:
+        source = "job:" + value
+    try:
+        validate_job({**spec, "init_from": source})
+    except SpecError:
+        raise BadInput(f"--init-from {value!r}: no such file, and not a job id (letters, digits, '.', '_', "
+                       "'-')") from None
+    return source
+
+
 @click.command("submit")
 @click.argument("job_file", type=click.Path(dir_okay=False, allow_dash=True))
 @admin_connection
@@ -144,7 +171,11 @@ def _plot(rows: list[dict], path: str, job: str) -> None:
 @click.option("--submission-id", default=None, metavar="ID",
               help="Submitting the same ID again returns the job it made instead of a new one "
                    "(default: a fresh id, named in the error if the scheduler does not answer).")
-def submit(job_file, conn, wait, as_json, plot, submission_id):
+@click.option("--init-from", "init_from", default=None, metavar="FILE|JOB_ID",
+              help="Start from these parameters instead of the seeded ones: a file psctl export wrote (read "
+                   "by the workers at its absolute path, under their --data-root) or a job's id (same model "
+                   "and shard count: the shards copy its table).")
+def submit(job_file, conn, wait, as_json, plot, submission_id, init_from):
     """Submit JOB_FILE (`-`: read it from standard input); prints the job id.
 
     With --wait, follows it like `psctl wait` and exits 0 only if it succeeded.
@@ -156,6 +187,8 @@ def submit(job_file, conn, wait, as_json, plot, submission_id):
     if submission_id is not None and not (0 < len(submission_id) <= 128 and submission_id.isprintable()):
         raise BadInput("--submission-id must be 1 to 128 printable characters")
     spec = load_and_check(job_file)
+    if init_from is not None:
+        spec["init_from"] = init_source(init_from, spec)
     client = _client(conn)
     sid = submission_id or uuid.uuid4().hex
     # Unanswered, the submit may still have arrived: the same id again returns its job, never a second one.
@@ -225,18 +258,28 @@ def cancel(job, conn):
 @click.command("export")
 @click.argument("job")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), required=True,
-              help="Write the parameters here (.npz, one array per tensor name).")
+              help="Write here: safetensors, or numpy's format if the name ends in .npz.")
 @admin_connection
 def export(job, output, conn):
-    """Save a job's parameters (as they are now) to an .npz file loadable by numpy.load."""
-    import numpy as np
+    """Save a job's parameters (as they are now) with its job spec and result, in one file.
 
+    The file is safetensors (torch, JAX and Hugging Face read it as it is;
+    the job's spec, state, result and the pscluster version are its
+    metadata); a name ending in .npz gets an .npz instead, whose keys are
+    the tensor names and whose zip comment is the metadata. `psctl
+    evaluate FILE` reads either.
+    """
     from protocol.errors import ProtocolError
     from protocol.messages import Export
     from protocol.plan import Plan
     from worker.client import ParamClient, ShardError, ShardTimeout
+    from worker.export_file import ExportFileError, export_metadata, write_export
 
     body = _call(_client(conn), Export(job=job))
+    if not isinstance(body.get("spec"), dict):
+        # A scheduler older than this psctl: without the spec the file could not be evaluated or rebuilt.
+        raise click.ClickException(f"the scheduler sent no job spec with {job}'s parameters: upgrade it to "
+                                   "this pscluster's version to export")
     try:
         plan = Plan.from_wire(body["plan"])
     except ProtocolError as exc:
@@ -245,14 +288,17 @@ def export(job, output, conn):
         curve = conn.keys.pair if conn.keys else None
         with ParamClient(body["shards"], plan, job=job, timeout_s=10.0, retries=2, curve=curve,
                          shard_keys=body.get("shard_keys") or ()) as client:
-            arrays = client.pull()
+            arrays = client.pull()  # every tensor of the plan: running statistics (nonlearned) included
     except (ShardError, ShardTimeout) as exc:
         raise click.ClickException(str(exc)) from None
+    meta = export_metadata(job=body.get("job", job), state=body["state"], spec=body["spec"],
+                           result=body.get("result"), nonlearned=list(body.get("nonlearned") or []))
     try:
-        with open(output, "wb") as fh:
-            np.savez(fh, **arrays)
+        write_export(output, arrays, meta)
+    except ExportFileError as exc:
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"cannot write {output}: {exc.strerror}") from None
+        raise click.ClickException(f"cannot write {output}: {exc.strerror or exc}") from None
     total = sum(a.nbytes for a in arrays.values())
     click.echo(f"wrote {len(arrays)} tensors ({total:,} bytes) of {job} ({body['state']}) to {output}")
 

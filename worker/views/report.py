@@ -101,6 +101,19 @@ def _histogram(hist: dict) -> list[str]:
     return lines
 
 
+def _checkpoint_lines(body: dict) -> list[str]:
+    """The job's newest complete checkpoint and every rollback: when, to which version, steps lost."""
+    lines = []
+    checkpoints = body.get("checkpoints") or []
+    if checkpoints:
+        last = checkpoints[-1]
+        lines.append(f"  checkpoint: version {last.get('version')} complete on every shard at {_when(last.get('at'))}")
+    for rb in body.get("rollbacks") or []:
+        lines.append(f"  rollback at {_when(rb.get('at'))}: shard {rb.get('shard')} restarted; back to version "
+                     f"{rb.get('version')}, {rb.get('steps_lost', 0):,} steps lost")
+    return lines
+
+
 def render_job(body: dict) -> str:
     spec = body.get("spec") or {}
     policy = spec.get("consistency", {})
@@ -130,6 +143,7 @@ def render_job(body: dict) -> str:
                      f"wall {_num(result.get('wall_s'), '.1f')}s")
     if body.get("error"):
         lines.append(f"  error: {body['error']}")
+    lines.extend(_checkpoint_lines(body))
     parts = body.get("partitions") or []
     if parts:
         lines.append("  partitions:")
