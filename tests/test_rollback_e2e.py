@@ -67,9 +67,12 @@ def test_a_shard_killed_mid_job_rolls_the_job_back_and_it_ends_as_a_fault_free_r
     assert ref["status"] == "succeeded"
     got, want = exported(tmp_path, addr, job), exported(tmp_path, addr, ref["job"])
     assert sorted(got) == sorted(want)
+    worst = 0.0
     for name in want:
         scale = max(float(np.abs(want[name]).max()), 1e-3)
-        assert float(np.abs(got[name] - want[name]).max()) / scale < 1e-4, name
+        worst = max(worst, float(np.abs(got[name] - want[name]).max()) / scale)
+    print(f"rollback: {rollback}; largest difference from the fault-free run, relative: {worst:.2e}")
+    assert worst < 1e-4
 
 
 def psctl_text(*args: str) -> str:
@@ -140,5 +143,7 @@ def test_a_job_checkpointed_on_two_shards_goes_on_on_three_after_the_whole_clust
     ref = psctl_json("submit", job_file(tmp_path, "ref.yaml", name="ref", **spec), "--wait", "--scheduler", bind,
                      timeout=600)
     assert ref["status"] == "succeeded"
+    print(f"on 3 shards after the restart: {final['result']['test_accuracy']:.4f}; "
+          f"without the restart: {ref['test_accuracy']:.4f}; {final['rollbacks'][-1]}")
     assert abs(final["result"]["test_accuracy"] - ref["test_accuracy"]) <= 0.01
 
