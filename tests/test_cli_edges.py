@@ -92,7 +92,7 @@ def test_an_interrupted_wait_leaves_the_job_running_and_says_so(cluster, tmp_pat
         args = ["wait", job]
     else:
         args = ["submit", path, "--wait"]
-    proc = Child([PSCTL, *args, "--scheduler", cluster], stderr=subprocess.STDOUT)
+    proc = Child([PSCTL, *args, "--scheduler", cluster], stderr=subprocess.STDOUT, foreground=True)
     try:
         if job is None:
             job = follow_output(proc, "submitted ", deadline).split()[1]

@@ -112,7 +112,7 @@ def test_run_interrupted_stops_everything(tmp_path):
     def left() -> float:
         return max(0.0, deadline - time.monotonic())
 
-    proc = Child([PSCTL, "run", job, "--state-dir", str(state)], stderr=subprocess.STDOUT)
+    proc = Child([PSCTL, "run", job, "--state-dir", str(state)], stderr=subprocess.STDOUT, foreground=True)
     try:
         line = ""
         while "local cluster:" not in line:  # the cluster is up once this line is printed

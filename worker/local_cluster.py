@@ -56,20 +56,29 @@ def _die_with_parent() -> None:
         pass
 
 
+def _as_foreground() -> None:
+    """In the child: Ctrl-C's default action, as an interactive shell gives the command it runs in the
+    foreground (a parent started in the background, by a non-interactive shell, has SIGINT ignored,
+    and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """One child process in its own process group, its stdout read line by line (bounded waits).
 
     `stderr` is a file (or subprocess constant) the child writes its log to.
     With `die_with_parent` it gets SIGTERM when this process dies (Linux).
+    With `foreground` it takes SIGINT as a command typed at a terminal does (tests of Ctrl-C).
     """
 
     def __init__(self, args: list[str], *, stderr: IO | int | None = None, env: dict | None = None,
-                 cwd: str | None = None, die_with_parent: bool = False):
+                 cwd: str | None = None, die_with_parent: bool = False, foreground: bool = False):
         self.args = list(args)
+        steps = ([_die_with_parent] if die_with_parent else []) + ([_as_foreground] if foreground else [])
         self.popen = subprocess.Popen(
             self.args, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL, env=child_env(env),
             cwd=cwd, start_new_session=True,  # its own group: we signal it and its children, Ctrl-C does not
-            preexec_fn=_die_with_parent if die_with_parent else None)
+            preexec_fn=(lambda: [step() for step in steps]) if steps else None)
         self._buf = b""
         self.lines: list[str] = []
         self.ready: dict | None = None
