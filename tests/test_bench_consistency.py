@@ -93,3 +93,34 @@ def test_aggregate_takes_medians_with_never_as_infinity():
     assert out["time_to_target_s"] == 2.0 and out["max_staleness_seen"] == 4
     assert out["time_to_target_runs"] == [2.0, None, 1.0] and out["repeats"] == 3
     assert aggregate(rows[:2])["time_to_target_s"] is None  # the median of (2, never) is never
+
+
+def test_observer_skips_a_table_created_but_not_loaded(shard_factory):
+    """The scheduler creates a job's tables before its initialising worker loads the
+    values: a sample taken in between is skipped, not the end of the bench run."""
+    from protocol.messages import Create
+    from protocol.plan import make_plan
+    from worker.bench.consistency import Observer, job_for
+    from worker.client import ParamClient
+
+    spec = job_for({"policy": "bsp"}, steps=4, workers=1)
+    shard = shard_factory(0)
+    job = "observed"
+    plan_probe = Observer(spec, {"shards": [shard.endpoint],
+                                 "plan": make_plan({"x": ((1,), "float32")}, 1, 4096).to_wire()}, job)
+    arrays = plan_probe.model.arrays()
+    plan_probe.close()
+    plan = make_plan({n: (a.shape, str(a.dtype)) for n, a in arrays.items()}, 1, spec["partition_bytes"])
+    observer = Observer(spec, {"shards": [shard.endpoint], "plan": plan.to_wire()}, job)
+    owner = ParamClient([shard.endpoint], plan, job=job, worker="init", timeout_s=5, retries=1)
+    try:
+        assert observer.sample(0.0, None) is None  # no table yet
+        owner._exchange({0: Create(**owner._common(0, -1), plan=plan.to_wire(),
+                                   optimizer={"kind": "sgd", "lr": 0.1})})  # created, no values
+        assert observer.sample(0.1, None) is None  # was: ShardError bad_state, ending the run
+        owner.load(arrays)
+        sample = observer.sample(0.2, None)
+        assert sample is not None and math.isfinite(sample.train_loss) and sample.steps == 0
+    finally:
+        owner.close()
+        observer.close()

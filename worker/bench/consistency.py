@@ -230,6 +230,7 @@ class Observer:
         self.model = build_model(spec["model"], self.train.input_shape, self.train.num_classes, seed=seed)
         self.arrays = self.model.arrays()
         self.job = job
+        self.loaded = False  # a BAD_STATE once values were read is a real error, not the start-up
         self.client = ParamClient(export_body["shards"], Plan.from_wire(export_body["plan"]), job=job,
                                   worker="bench-observer", timeout_s=5.0, retries=2)
 
@@ -237,8 +238,9 @@ class Observer:
         self.client.close()
 
     def sample(self, t_s: float, reported_loss: float | None) -> Sample | None:
-        """One sample, or None while the job's tables are not created yet (or a shard
-        did not answer in time). Blocks for a few round trips; raises ShardError."""
+        """One sample, or None while the job's tables are not created or not yet loaded
+        by the initialising worker (or a shard did not answer in time). Blocks for
+        a few round trips; raises ShardError."""
         from worker.client import ShardError, ShardTimeout
         from worker.trainer import evaluate
 
@@ -251,9 +253,10 @@ class Observer:
         except ShardTimeout:
             return None  # a shard busy past the timeout: skip this sample, not the run
         except ShardError as exc:
-            if exc.code is ErrorCode.UNKNOWN_JOB:
-                return None
+            if exc.code is ErrorCode.UNKNOWN_JOB or (exc.code is ErrorCode.BAD_STATE and not self.loaded):
+                return None  # created but not yet loaded: the job has not started training
             raise
+        self.loaded = True
         loss, _acc = evaluate(self.model, self.train)
         spread = max((t["max_clock"] - t["min_clock"] for t in tables if t["clocks"]), default=0)
         hist = [int(k) for t in tables for k, v in t["staleness_hist"].items() if v]
