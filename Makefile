@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/psctl bench pushpull --servers 1 --size 4KiB
 	$(BIN)/psctl bench nn
 	$(BIN)/psctl bench consistency --plot out/consistency.png
+	$(BIN)/psctl bench scale --params 20M --servers 2 --workers 2
 
 demo: install
 	$(BIN)/psctl run deploy/examples/digits-mlp.yaml

@@ -37,13 +37,15 @@ class Assignment:
     epoch: int = 0                      # the membership epoch these partitions are held in
     max_model_bytes: int = 0            # the scheduler's limit on parameter bytes (0: none)
     shard_keys: list[str] = field(default_factory=list)   # CURVE public key per shard ("": CURVE off)
+    max_message_bytes: int = 0          # the least --max-message-bytes of the job's shards (0: not known)
 
     def to_wire(self) -> dict:
         return {"task": self.task, "job": self.job, "spec": self.spec, "shards": list(self.shards),
                 "partitions": list(self.partitions), "num_partitions": self.num_partitions,
                 "steps": list(self.steps), "init": self.init, "plan": self.plan,
                 "nonlearned": list(self.nonlearned), "epoch": self.epoch,
-                "max_model_bytes": self.max_model_bytes, "shard_keys": list(self.shard_keys)}
+                "max_model_bytes": self.max_model_bytes, "shard_keys": list(self.shard_keys),
+                "max_message_bytes": self.max_message_bytes}
 
     @classmethod
     def from_wire(cls, body: object) -> Assignment:
@@ -77,10 +79,14 @@ class Assignment:
         if not isinstance(keys, list) or (keys and (len(keys) != len(shards) or
                                                     not all(isinstance(k, str) and len(k) in (0, 40) for k in keys))):
             raise ValueError("assignment shard_keys must give one CURVE public key (or \"\") per shard")
+        limit = body.get("max_message_bytes", 0)
+        if not _is_int(limit) or limit < 0:
+            raise ValueError(f"assignment max_message_bytes must be an int >= 0, found {limit!r:.40}")
         return cls(task=task, job=body["job"], spec=body["spec"], shards=list(shards), partitions=list(parts),
                    num_partitions=num, steps=list(steps), init=_want(body, "init", bool), plan=plan,
                    nonlearned=list(nonlearned), epoch=_want(body, "epoch", int),
-                   max_model_bytes=_want(body, "max_model_bytes", int), shard_keys=list(keys))
+                   max_model_bytes=_want(body, "max_model_bytes", int), shard_keys=list(keys),
+                   max_message_bytes=limit)
 
 
 def _is_int(value: object) -> bool:

@@ -239,6 +239,7 @@ def _decode_slices(op: str, header: dict, payload: Sequence[Any], sizes: Sequenc
         raise _bad(ErrorCode.TRUNCATED,
                    f"header lists {len(metas)} payload frames but {len(payload)} arrived", rid)
     seen: set[int] = set()
+    pairs = header.get("coding") == "topk"
     out = []
     for i, meta in enumerate(metas):
         if not (isinstance(meta, list) and len(meta) == 4):
@@ -247,7 +248,8 @@ def _decode_slices(op: str, header: dict, payload: Sequence[Any], sizes: Sequenc
         if not _is_count(sid):
             raise _bad(ErrorCode.BAD_FIELD,
                        f"slice meta {i}: slice id must be a non-negative int, found {sid!r:.40}", rid)
-        if sid in seen:
+        # A top-k push carries each slice as two frames in a row (protocol/compression.py).
+        if sid in seen and not (pairs and i % 2 and metas[i - 1][0] == sid):
             raise _bad(ErrorCode.BAD_FIELD, f"slice {sid} appears twice in one message", rid)
         seen.add(sid)
         np_dtype = _DTYPES.get(dtype) if isinstance(dtype, str) else None

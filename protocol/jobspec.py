@@ -120,6 +120,21 @@ def _bool(path: str, v: Any) -> bool:
     return v
 
 
+@_allowing("none, fp16 or topk:RATIO (0 < RATIO <= 0.5)")
+def _compression(path: str, v: Any) -> str:
+    """How gradients travel: float32 as they are, fp16, or the top RATIO of each slice (error feedback)."""
+    if v in ("none", "fp16"):
+        return v
+    if isinstance(v, str) and v.startswith("topk:"):
+        try:
+            ratio = float(v[5:])
+        except ValueError:
+            ratio = math.nan
+        if 0 < ratio <= 0.5:
+            return f"topk:{ratio:g}"
+    raise SpecError(path, "none, fp16 or topk:RATIO with 0 < RATIO <= 0.5", v)
+
+
 def _choice(options: tuple[str, ...]):
     expected = "one of " + ", ".join(options)
 
@@ -263,6 +278,9 @@ JOB = {
     "eval_every": Field(_int(0, MAX_STEPS), 0, "evaluate every N steps (0: once per epoch of a partition)"),
     "checkpoint_every": Field(_int(0, MAX_STEPS), 0, "servers checkpoint every N versions (0: off)"),
     "partition_bytes": Field(_int(1024, 1 << 30), DEFAULT_PARTITION_BYTES, "largest slice of a tensor on one shard"),
+    "compression": Field(_compression, "none", "gradients on the wire: none (float32), fp16, or topk:RATIO "
+                         "(the largest RATIO of each slice; the rest is kept and added to the next step)"),
+    "overlap": Field(_bool, True, "send each layer's gradient as soon as its backward is done (off with clipping)"),
     "init_from": Field(_opt(_init_from), None, "first parameters: job:JOB_ID or file:PATH (psctl export); "
                        "null: seeded"),
     "model": MODEL,

@@ -128,6 +128,14 @@ class Push(Message):
     itself is the member, as in a job without partitions). A push for k
     partitions carries the mean of their k gradients and counts k times in
     a BSP barrier (see protocol/assignment.py).
+    more: this is an early piece of a step that comes in several messages
+    (each under the client's piece bound, worker/client.py): its slices are
+    applied (ASP, SSP) or summed (BSP) as it arrives, and the step counts
+    (clocks, barrier, version) at the piece without `more`, a Push or a
+    PushPull. A piece that is sent again is not applied twice.
+    coding: "" (each slice one frame, float32 or float16) or "topk" (each
+    slice two frames: int32 positions and their values; see
+    protocol/compression.py).
     """
 
     OP: ClassVar[str] = "push"
@@ -135,14 +143,17 @@ class Push(Message):
     base_version: int = -1
     norm: float = -1.0
     parts: list = field(default_factory=list, metadata={"items": int})
+    more: bool = False
+    coding: str = ""
     slices: tuple = ()
 
 
 @dataclass(frozen=True, kw_only=True)
 class PushPull(Message):
     """Push step `clock` and pull the values for the next step, in one round
-    trip. Payload: gradient frames, as in Push. The reply carries the slices
-    named by `sids` (empty: every slice of the job on this shard)."""
+    trip. Payload: gradient frames, as in Push (and `coding` as there). The
+    reply carries the slices named by `sids` (empty: every slice of the job
+    on this shard)."""
 
     OP: ClassVar[str] = "push_pull"
     HAS_PAYLOAD: ClassVar[bool] = True
@@ -150,6 +161,7 @@ class PushPull(Message):
     norm: float = -1.0
     parts: list = field(default_factory=list, metadata={"items": int})
     sids: list = field(default_factory=list, metadata={"items": int})
+    coding: str = ""
     slices: tuple = ()
 
 

@@ -171,8 +171,15 @@ class Optimizer:
 
     def init_state(self, param: np.ndarray) -> dict[str, np.ndarray]:
         """Fresh state for one parameter (or slice): zeros shaped like it, and
-        for adam the 0-d int64 count `t` of updates applied to this state."""
-        state = {key: np.zeros(param.shape, np.float32) for key in self._state_keys}
+        for adam the 0-d int64 count `t` of updates applied to this state.
+
+        Written now, not left to calloc: untouched zeros would fault their pages
+        in during the first update, which would then take several times as
+        long as the next ones (a table is created once, and off the data path)."""
+        state = {}
+        for key in self._state_keys:
+            arr = state[key] = np.empty(param.shape, np.float32)
+            arr.fill(0.0)
         if self.kind == "adam":
             state["t"] = np.zeros((), np.int64)
         return state

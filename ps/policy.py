@@ -181,29 +181,49 @@ class Policy:
         """A gradient for step `clock` (-1: unclocked) from `worker`, one step
         of each member in `keys` (empty: of `worker` itself)."""
         keys = tuple(keys) or (worker,)
+        screened = self._screen(worker, clock, push, keys)
+        if screened is not None:
+            return [screened]
+        return self._accept_push(keys, clock, push, base_version) + self._barrier() + self._release()
+
+    def admit(self, worker: str, clock: int, piece: object, *, base_version: int = -1,
+              keys: tuple | list = ()) -> Apply | Accumulate | Duplicate | Refuse:
+        """An early piece of a push that comes in several messages (all but the
+        last): what to do with its slices now, changing nothing. The step
+        counts (clocks, barrier, version) at its last piece, `on_push`.
+
+        The answer is the action the last piece will get if nothing changes
+        in between: Apply (ASP/SSP, at the staleness of now), Accumulate
+        (BSP), Duplicate or Refuse."""
+        keys = tuple(keys) or (worker,)
+        screened = self._screen(worker, clock, piece, keys)
+        if screened is not None:
+            return screened
+        if self.name == "bsp":
+            return Accumulate(piece, clock, len(keys))
+        return Apply(piece, max(0, self.version - base_version) if base_version >= 0 else 0)
+
+    def _screen(self, worker: str, clock: int, push: object, keys: tuple) -> Refuse | Duplicate | None:
+        """The refusal or Duplicate a push gets before it is counted; None when it is accepted."""
         if len(set(keys)) != len(keys):
-            return [Refuse(push, ErrorCode.BAD_FIELD, "a push names one of its partitions twice")]
+            return Refuse(push, ErrorCode.BAD_FIELD, "a push names one of its partitions twice")
         if self.epoch > 0:
             for key in keys:
                 if key not in self.clocks or self.holders.get(key, key) != worker or not worker:
-                    return [self._not_member(push, worker, key)]
+                    return self._not_member(push, worker, key)
         if clock < -1:
-            return [Refuse(push, ErrorCode.BAD_CLOCK,
-                           f"clock {clock} is not a step: expected -1 or a clock >= 0")]
+            return Refuse(push, ErrorCode.BAD_CLOCK, f"clock {clock} is not a step: expected -1 or a clock >= 0")
         if clock >= 0:
             behind = [k for k in keys if self.clocks.get(k) is not None and clock < self.clocks[k]]
             if behind and len(behind) == len(keys) and all(k in self.holders for k in keys):
-                return [Duplicate(push)]
+                return Duplicate(push)
             if behind:
                 key = behind[0]
                 who = f"worker {worker!r}" if key == worker else f"partition {key!r}"
-                return [Refuse(push, ErrorCode.BAD_CLOCK,
-                               f"{who} pushed step {clock} but has completed {self.clocks[key]} steps "
-                               f"already: expected {self._expected(key)}")]
-        refusal = self._check_push(worker, keys, clock, push)
-        if refusal is not None:
-            return [refusal]
-        return self._accept_push(keys, clock, push, base_version) + self._barrier() + self._release()
+                return Refuse(push, ErrorCode.BAD_CLOCK,
+                              f"{who} pushed step {clock} but has completed {self.clocks[key]} steps "
+                              f"already: expected {self._expected(key)}")
+        return self._check_push(worker, keys, clock, push)
 
     def on_pull(self, worker: str, clock: int, pull: object) -> list:
         """A request for the parameters to compute step `clock` (-1: a plain read)."""

@@ -83,6 +83,7 @@ class SchedulerLink:
     keys: ClientKeys | None = None              # CURVE: this shard's pair and the scheduler's public key
     checkpoints: Callable[[], dict] | None = None
     restored: dict = field(default_factory=dict)
+    max_message_bytes: int = 0                  # told at registration: workers cut their requests under it
     sock: object = None
     next_beat: float = 0.0                      # when the next beat is due; the first tick beats at once
     # This process, told apart from a restart at the same address: the scheduler
@@ -124,7 +125,7 @@ class SchedulerLink:
         self._register_rid = self._send(Register(
             role="server", addr=self.advertise, shard=-1 if self.shard is None else self.shard,
             info={"host": pysocket.gethostname(), "instance": self.instance, "jobs": sorted(self.jobs()),
-                  "restored": dict(self.restored)}))
+                  "restored": dict(self.restored), "max_message_bytes": self.max_message_bytes}))
         return self._register_rid
 
     def claim(self, timeout_s: float = CLAIM_TIMEOUT_S, *, clock: Callable[[], float] = time.monotonic) -> int:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import zmq
 
 from protocol.codec import encode
+from protocol.compression import wire_slices
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.jobspec import MAX_WORKERS
 from protocol.keys import ServerKeys
@@ -45,6 +46,7 @@ from ps.access import SHARD_ALLOWED, check_member, check_read
 from ps.checkpoint import BadCheckpoint
 from ps.hosts import advertised_endpoint
 from ps.optim import make_optimizer
+from ps.pieces import PieceLedger
 from ps.policy import Accumulate, Answer, Apply, ApplyMean, Duplicate, Park, Refuse, Release, make_policy
 from ps.reshard import resharded_table
 from ps.router import RouterDaemon
@@ -120,6 +122,7 @@ class Shard(RouterDaemon, ShardCheckpoints):
         self._init_checkpoints()
         self.link = SchedulerLink(self.ctx, scheduler, advertise=self.advertise, shard=shard_id,
                                   jobs=self._job_summaries, restored=self.restored,
+                                  max_message_bytes=max_message_bytes,
                                   checkpoints=self._checkpoint_lists if checkpoint_dir else None,
                                   keys=keys.client(keys.ring.scheduler_key()) if keys else None) if scheduler else None
         self._started = False
@@ -132,6 +135,7 @@ class Shard(RouterDaemon, ShardCheckpoints):
             "shutdown": self.on_shutdown,
         }
         self._staleness_hists: dict = {}  # job -> its staleness histogram
+        self.ledger = PieceLedger()  # slices applied of steps that come in pieces (ps/pieces.py)
         self._repeats: set = set()         # push tokens a policy answered as Duplicate
         self._parked_gauge = 0
         self.metrics.set("parked_pulls", 0)
@@ -289,6 +293,7 @@ class Shard(RouterDaemon, ShardCheckpoints):
         table = JobTable(msg.job, plan, self.shard_id, optimizer, policy, nonlearned=msg.nonlearned,
                          initial=initial, checkpoint_every=msg.checkpoint_every)
         self.tables[msg.job] = table
+        self.ledger.drop_job(msg.job)
         pending = self.pending_membership.pop(msg.job, None)
         if pending is not None:
             self._apply_membership(table, pending)
@@ -306,20 +311,23 @@ class Shard(RouterDaemon, ShardCheckpoints):
                                 "(--max-table-bytes)", rid=msg.rid)
 
     def on_load(self, envelope: list, msg) -> None:
-        """The initial values of a table the scheduler created; once (a repeat is answered, not applied)."""
+        """Initial values of a table created without them, in pieces; once loaded whole, a repeat
+        (or any later load) is answered, not applied."""
         table = self._table(msg, loaded=False)
         check_member(self.identity, msg, table)
         if not table.loaded:
-            check_payload(msg.slices, table.held, rid=msg.rid, job=msg.job, complete=True)
-            table.load(msg.slices)
-            log.info("table loaded", extra={"job": msg.job, "worker": msg.worker, "bytes": table.bytes})
-        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"version": table.version})))
+            check_payload(msg.slices, table.held, rid=msg.rid, job=msg.job)
+            if table.load(msg.slices):
+                log.info("table loaded", extra={"job": msg.job, "worker": msg.worker, "bytes": table.bytes})
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body={"version": table.version,
+                                                                      "loaded": table.loaded})))
 
     def on_drop(self, envelope: list, msg) -> None:
         table = self.tables.pop(msg.job, None)
         self.pending_membership.pop(msg.job, None)
         self.memberships.pop(msg.job, None)
         self._staleness_hists.pop(msg.job, None)
+        self.ledger.drop_job(msg.job)
         self.metrics.forget_job(msg.job)  # its series end with its table
         if table is not None:
             for token in [t for t in self.parked if t[0] == msg.job]:
@@ -374,7 +382,7 @@ class Shard(RouterDaemon, ShardCheckpoints):
         if msg.base_version < -1 or not (msg.norm >= 0 or msg.norm == -1):
             raise ProtocolError(ErrorCode.BAD_FIELD, "base_version must be >= -1 and norm >= 0 (or -1: not computed)",
                                 rid=msg.rid)
-        check_payload(msg.slices, table.held, rid=msg.rid, job=msg.job)
+        slices = wire_slices(msg.slices, table.held, msg.coding, rid=msg.rid, job=msg.job)
         if isinstance(msg, PushPull):
             check_sids(msg.sids, table.held, rid=msg.rid, job=msg.job)
         push_token = (msg.job, "push", msg.worker, msg.rid)
@@ -382,11 +390,18 @@ class Shard(RouterDaemon, ShardCheckpoints):
             raise ProtocolError(ErrorCode.BAD_FIELD, f"parts must be at most {MAX_WORKERS} partition indices >= 0",
                                 rid=msg.rid)
         keys = [partition_key(p) for p in msg.parts] if msg.parts else ()
+        members = keys or (msg.worker,)
+        exact = table.policy.name == "bsp"
+        if getattr(msg, "more", False):
+            self._piece(table, envelope, msg, keys, members, slices)
+            return
+        fresh = self.ledger.fresh(msg.job, msg.worker, members, msg.clock, msg.rid, slices, exact=exact)
         refused = self._run(table, table.policy.on_push(msg.worker, msg.clock, push_token,
                                                         base_version=msg.base_version, keys=keys),
-                            {push_token: (envelope, msg, ())})
+                            {push_token: (envelope, msg, fresh)})
         if push_token in refused:
             return
+        self.ledger.finish(msg.job, members)
         self.metrics.inc("duplicates_total" if push_token in self._repeats else "pushes_total")
         self._repeats.discard(push_token)
         if not isinstance(msg, PushPull):
@@ -405,6 +420,26 @@ class Shard(RouterDaemon, ShardCheckpoints):
                 self._run(table, table.policy.on_pull(msg.worker, msg.clock + 1, pull_token),
                           {pull_token: (envelope, msg, msg.sids)})
         self._maybe_checkpoint(table)
+
+    def _piece(self, table: JobTable, envelope: list, msg, keys, members, slices) -> None:
+        """An early piece of a step (`more`): its slices applied or summed now, as its last piece
+        will be (`Policy.admit`); the step counts at the last piece. A piece sent again is skipped."""
+        action = table.policy.admit(msg.worker, msg.clock, None, base_version=msg.base_version, keys=keys)
+        if isinstance(action, Refuse):
+            raise ProtocolError(action.code, action.message, rid=msg.rid)
+        if not isinstance(action, Duplicate):
+            opt = table.optimizer
+            fresh = self.ledger.fresh(msg.job, msg.worker, members, msg.clock, msg.rid, slices,
+                                      exact=isinstance(action, Accumulate))
+            if isinstance(action, Accumulate):
+                table.accumulate(action.step, fresh, grad_scale=opt.clip_scale(msg.norm), weight=action.weight,
+                                 count=False)
+            else:
+                table.apply(fresh, step=msg.clock if msg.clock >= 0 else table.version,
+                            grad_scale=opt.clip_scale(msg.norm), lr_scale=opt.staleness_scale(action.staleness),
+                            count=False)
+            self.ledger.record(msg.job, msg.worker, members, msg.clock, msg.rid, fresh)
+        self._send(envelope, encode(Ok(rid=msg.rid, job=msg.job, body=self._body(table, msg.worker))))
 
     def _answer_duplicate(self, table: JobTable, envelope: list, msg, frames: list | None, pull_token) -> None:
         """A repeated push: answer it again without applying it again."""
@@ -434,10 +469,10 @@ class Shard(RouterDaemon, ShardCheckpoints):
         refused = set()
         for action in actions:
             if isinstance(action, Apply):
-                _env, msg, _ = requests[action.push]
+                _env, msg, fresh = requests[action.push]  # its slices not applied by earlier pieces
                 opt = table.optimizer
                 step = msg.clock if msg.clock >= 0 else max(0, table.version - 1)
-                table.apply(msg.slices, step=step, grad_scale=opt.clip_scale(msg.norm),
+                table.apply(fresh, step=step, grad_scale=opt.clip_scale(msg.norm),
                             lr_scale=opt.staleness_scale(action.staleness))
                 table.record_staleness(action.staleness)
                 hist = self._staleness_hists.get(table.job)
@@ -445,8 +480,8 @@ class Shard(RouterDaemon, ShardCheckpoints):
                     hist = self._staleness_hists[table.job] = self.metrics.histogram("staleness", job_id=table.job)
                 hist.observe(action.staleness)
             elif isinstance(action, Accumulate):
-                _env, msg, _ = requests[action.push]
-                table.accumulate(action.step, msg.slices, grad_scale=table.optimizer.clip_scale(msg.norm),
+                _env, msg, fresh = requests[action.push]
+                table.accumulate(action.step, fresh, grad_scale=table.optimizer.clip_scale(msg.norm),
                                  weight=action.weight)
             elif isinstance(action, Duplicate):
                 self._repeats.add(action.push)  # answered as done; nothing applied

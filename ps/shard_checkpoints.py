@@ -252,6 +252,7 @@ class ShardCheckpoints:
         new.readers, new.pushes, new.pulls = old.readers, old.pushes, old.pulls
         new.copies_on_write, new.staleness = old.copies_on_write, old.staleness
         self.tables[task.job] = new
+        self.ledger.drop_job(task.job)  # pieces applied to the old values are gone with them
         why = (f"job {task.job!r} was rolled back to version {new.version} on shard {self.shard_id}: ask the "
                "scheduler for your partitions and read their steps again")
         refused = [t for t in self.parked if t[0] == task.job]

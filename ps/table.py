@@ -44,6 +44,7 @@ class JobTable:
             for sid, spec in self.held.items()
         }
         self.loaded = initial is not None   # pushes and pulls wait for the values
+        self._unloaded = set() if self.loaded else set(self.held)  # slices no `load` piece brought yet
         self.readers: frozenset = frozenset()  # workers that may read without holding a partition
         self.opt_state: dict[int, dict] = {sid: optimizer.init_state(self.values[sid]) for sid in self.learned}
         self._inflight: dict[int, list] = {}
@@ -56,11 +57,14 @@ class JobTable:
         self.last_checkpoint_version = policy.version
         self.staleness: dict[int, int] = {}   # staleness -> pushes applied at it
 
-    def load(self, slices: Iterable[SliceData]) -> None:
-        """The initial values of a table created without them (checked complete by the caller)."""
+    def load(self, slices: Iterable[SliceData]) -> bool:
+        """Initial values of a table created without them, in one or more pieces (each checked
+        by the caller); True once every slice has its value (then pushes and pulls are served)."""
         for sl in slices:
             np.copyto(self.values[sl.sid], sl.data.reshape(-1))
-        self.loaded = True
+            self._unloaded.discard(sl.sid)
+        self.loaded = not self._unloaded
+        return self.loaded
 
     @property
     def version(self) -> int:
@@ -120,8 +124,9 @@ class JobTable:
     # --- updates ---
 
     def apply(self, slices: Iterable[SliceData], *, step: int, grad_scale: float = 1.0,
-              lr_scale: float = 1.0) -> None:
-        """Apply one push's gradient to its slices at once (ASP, SSP)."""
+              lr_scale: float = 1.0, count: bool = True) -> None:
+        """Apply one push's gradient to its slices at once (ASP, SSP); `count`: False for
+        an early piece of a push (the push counts once, at its last piece)."""
         for sl in slices:
             param = self._writable(sl.sid)
             grad = sl.data.reshape(-1)
@@ -130,10 +135,10 @@ class JobTable:
                                     grad_scale=grad_scale, lr_scale=lr_scale)
             else:
                 param += grad  # running statistics travel as deltas
-        self.pushes += 1
+        self.pushes += count
 
     def accumulate(self, step: int, slices: Iterable[SliceData], *, grad_scale: float = 1.0,
-                   weight: int = 1) -> None:
+                   weight: int = 1, count: bool = True) -> None:
         """Add one push's gradient into step's sum (BSP), times `weight`: a
         push for k partitions carries their mean and counts k times."""
         sums = self._sums.setdefault(step, {})
@@ -150,7 +155,7 @@ class JobTable:
                 sums[sl.sid] = buf
             else:
                 buf += grad
-        self.pushes += 1
+        self.pushes += count
 
     def apply_mean(self, step: int, count: int) -> None:
         """Apply step's summed gradient divided by `count` as one update (BSP)."""

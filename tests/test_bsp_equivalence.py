@@ -86,8 +86,14 @@ def send_membership(addrs: list[str], job: str, workers: list[str]) -> None:
         assert isinstance(reply, Ok) and reply.rid == 100 + k, reply
 
 
-def train_on_cluster(shard_factory, spec: dict, n: int, policy: str) -> tuple[dict, list[dict]]:
-    """K steps of n workers on fresh shards; returns (final server values, each worker's model arrays)."""
+def train_on_cluster(shard_factory, spec: dict, n: int, policy: str, *, overlap: bool = False,
+                     compression: str | None = None) -> tuple[dict, list[dict]]:
+    """K steps of n workers on fresh shards; returns (final server values, each worker's model arrays).
+
+    overlap: each layer's gradient is sent as its backward finishes (worker/task.py does this),
+    dense dW in row blocks made as they are sent (never whole on the worker), in pieces of at
+    most one slice, so early pieces are summed before the step's last one.
+    """
     shards = [shard_factory(k) for k in range(SHARDS)]
     addrs = [s.endpoint for s in shards]
     seed = spec["seed"]
@@ -95,7 +101,7 @@ def train_on_cluster(shard_factory, spec: dict, n: int, policy: str) -> tuple[di
     model0 = build_model(spec["model"], train.input_shape, train.num_classes, seed=seed)
     plan = make_plan({k: v for k, v in model0.param_shapes().items()}, SHARDS, PARTITION_BYTES)
     assert all(plan.slices_on(k) for k in range(SHARDS)) and len(plan.slices_of("dense0.W")) > 1
-    job = f"bsp-eq-{policy}-{spec['optimizer']['kind']}-{n}"
+    job = f"bsp-eq-{policy}-{spec['optimizer']['kind']}-{n}{'-overlap' if overlap else ''}"
     ids = [f"w{i}" for i in range(n)]
     with ParamClient(addrs, plan, job=job, worker="admin", timeout_s=10) as admin:
         assert admin.create(model0.arrays(), optimizer=spec["optimizer"], policy={"policy": policy}) is False
@@ -109,9 +115,18 @@ def train_on_cluster(shard_factory, spec: dict, n: int, policy: str) -> tuple[di
                 model = build_model(spec["model"], train.input_shape, train.num_classes, seed=seed)
                 batches = worker_batches(train, k=i, num=n, batch_size=BATCH, seed=seed)
                 arrays = model.arrays()
-                with ParamClient(addrs, plan, job=job, worker=ids[i], timeout_s=10, max_wait_s=WAIT_S) as client:
+                with ParamClient(addrs, plan, job=job, worker=ids[i], timeout_s=10, max_wait_s=WAIT_S,
+                                 piece_bytes=PARTITION_BYTES if overlap else 1 << 30,
+                                 compression=compression) as client:
                     for t in range(STEPS):
                         x, y = batches.batch(t)
+                        if overlap:
+                            stream = client.stream(clock=t, out=arrays)
+                            accumulate_gradients(model, x, y, 1, on_layer=stream.send, defer=True)
+                            assert stream.sent == set(model.grads)
+                            assert not model.grads["dense0.W"].any()   # dW was never held whole
+                            stream.finish()
+                            continue
                         accumulate_gradients(model, x, y, 1)
                         grads = dict(model.grads)
                         client.push_pull(grads, clock=t, norm=global_norm(grads), out=arrays)
@@ -173,6 +188,26 @@ def test_bsp_with_n_workers_equals_one_big_batch(shard_factory, opt, n):
     # The run moved the parameters well beyond the tolerance (the check means something).
     initial = build_model(spec["model"], (64,), 10, seed=spec["seed"]).arrays()
     assert min(rel_diffs(server, initial).values()) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_bsp_with_overlap_equals_one_big_batch(shard_factory, opt):
+    """Layer by layer, in pieces summed as they arrive: still the single-process reference."""
+    spec = job_spec(OPTIMIZERS[opt], BATCH)
+    server, finals = train_on_cluster(shard_factory, spec, 2, "bsp", overlap=True)
+    diffs = rel_diffs(server, train_reference(spec, 2))
+    assert max(diffs.values()) < TOLERANCE, diffs
+    for arrays in finals:
+        for name, value in server.items():
+            np.testing.assert_array_equal(arrays[name], value)
+
+
+def test_bsp_with_fp16_gradients_is_near_not_equal(shard_factory):
+    """fp16 on the wire: close to the float32 reference, and measurably not it (the check can fail)."""
+    spec = job_spec(OPTIMIZERS["sgd"], BATCH)
+    server, _finals = train_on_cluster(shard_factory, spec, 2, "bsp", compression="fp16")
+    diffs = rel_diffs(server, train_reference(spec, 2))
+    assert 0 < max(diffs.values()) < 1e-2, diffs
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -72,7 +72,8 @@ def test_every_plugged_in_command_loads():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     plugged = [line for line in cfg["options.entry_points"]["psctl.commands"].splitlines() if "=" in line]
-    assert out.stdout.split() == [str(5 + len(plugged)), "4"]
+    benches = [line for line in cfg["options.entry_points"]["psctl.bench"].splitlines() if "=" in line]
+    assert out.stdout.split() == [str(5 + len(plugged)), str(len(benches))]
 
 
 def test_importing_the_cli_loads_neither_worker_nor_cupy():
@@ -85,7 +86,7 @@ def test_importing_the_cli_loads_neither_worker_nor_cupy():
 def test_only_daemon_loops_and_clients_own_sockets():
     """zmq is imported only by the modules that own sockets: never by the command line (ps/cli, worker/cli)."""
     owners = {"ps/shard.py", "ps/scheduler.py", "ps/shard_calls.py", "ps/transport.py", "ps/router.py",
-              "worker/client.py", "worker/transport.py",
+              "worker/client.py", "worker/flight.py", "worker/transport.py",
               "worker/sched_client.py", "worker/heartbeat.py", "worker/daemon.py",
               "worker/bench/raw_echo.py"}  # the raw pyzmq reference of `psctl bench pushpull`
     users = {str(p.relative_to(ROOT)) for pkg in ("ps", "worker") for p in modules(pkg)

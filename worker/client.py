@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 import os
 import socket as pysocket
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,13 +31,16 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from protocol.codec import decode, encode, raise_if_error
-from protocol.errors import ErrorCode, ProtocolError
+from protocol.compression import Compressor
 from protocol.keys import ClientKeys, Identity, KeyRing
 from protocol.messages import Create, Load, Message, Ok, Pull, Push, PushPull, SliceData, Stats
 from protocol.partitions import partition_index
 from protocol.plan import Plan
-from worker.transport import connect_dealer, recv_message, send_message
+from worker.flight import Flight, ShardError, ShardTimeout
+from worker.transport import connect_dealer
+
+__all__ = ["PIECE_BYTES", "PIECE_WINDOW", "CurveKeys", "ParamClient", "ShardError", "ShardTimeout", "StepStream",
+           "default_worker_id", "piece_bound"]
 
 # Default wait for one reply before the request is re-sent (Lazy Pirate).
 REQUEST_TIMEOUT_S = 10.0
@@ -46,24 +48,25 @@ REQUEST_TIMEOUT_S = 10.0
 REQUEST_RETRIES = 3
 # Longest a clocked pull may be held by a consistency policy in total.
 MAX_POLICY_WAIT_S = 600.0
-# While replies are awaited, how often `resolve` is asked whether a shard moved.
-ADDRESS_CHECK_INTERVAL_S = 0.5
-# Plain int: pyzmq's flag enums cost a microsecond per use on the data path.
-_POLLIN = int(zmq.POLLIN)
+# Largest message the client sends or asks for (a piece): well under the
+# shards' --max-message-bytes (512 MiB by default), large enough that the
+# per-message cost is lost in the copy (bench: `psctl bench pushpull`). A
+# slice larger than this (partition_bytes above it) travels alone.
+PIECE_BYTES = 4 * 1024**2
+# What a piece leaves of a shard's --max-message-bytes for its header (the slices' metadata).
+PIECE_HEADER_SHARE = 4
 
 
-class ShardTimeout(TimeoutError):
-    """A shard did not answer in time; the message names it."""
+def piece_bound(max_message_bytes: int) -> int:
+    """The piece bound under the shards' message limit (0: not known, PIECE_BYTES)."""
+    if max_message_bytes <= 0:
+        return PIECE_BYTES
+    return max(1, min(PIECE_BYTES, max_message_bytes - max_message_bytes // PIECE_HEADER_SHARE))
 
 
-class ShardError(RuntimeError):
-    """A shard answered with an error reply."""
-
-    def __init__(self, shard: int, addr: str, exc: ProtocolError):
-        super().__init__(f"shard {shard} at {addr} refused the request: {exc.code.value}: {exc.message}")
-        self.shard = shard
-        self.code = exc.code
-        self.reason = exc.message
+# Pieces in flight to one shard: what a shard holds of one worker's request
+# at a time (PIECE_WINDOW x PIECE_BYTES), and enough to keep the link busy.
+PIECE_WINDOW = 4
 
 
 def default_worker_id(prefix: str | None = None) -> str:
@@ -113,7 +116,8 @@ class ParamClient:
                  ctx: zmq.Context | None = None, timeout_s: float = REQUEST_TIMEOUT_S,
                  retries: int = REQUEST_RETRIES, max_wait_s: float = MAX_POLICY_WAIT_S,
                  resolve: Callable[[], Sequence[str] | None] | None = None,
-                 curve: tuple[str, str] | None = None, shard_keys: Sequence[str] = ()):
+                 curve: tuple[str, str] | None = None, shard_keys: Sequence[str] = (),
+                 piece_bytes: int = PIECE_BYTES, window: int = PIECE_WINDOW, compression: str | None = None):
         if len(shards) != plan.num_shards:
             raise ValueError(f"the plan has {plan.num_shards} shards but {len(shards)} addresses were given")
         self.addrs = list(shards)
@@ -125,6 +129,10 @@ class ParamClient:
         self.retries = retries
         self.max_wait_s = max_wait_s
         self.resolve = resolve
+        self.piece_bytes = max(1, int(piece_bytes))
+        self.window = max(1, int(window))
+        # Gradients on the wire (the job's `compression`); keeps top-k's residuals between steps.
+        self.compressor = Compressor(compression)
         # CURVE: this process's (public, secret) pair and each shard's public key.
         self.curve = curve
         self.shard_keys = list(shard_keys) or [""] * len(self.addrs)
@@ -144,6 +152,12 @@ class ParamClient:
         # Shards holding any slice; a request for every tensor names no sids
         # (the shard sends all it holds), which keeps the header small.
         self._all_shards = sorted({s.shard for s in plan.slices})
+        # All of a shard's slices in pieces under the bound; [[]] (ask for all) when they fit in one.
+        self._all_pieces = {k: self._cut(self._on_shard[k], lambda s: s.nbytes, lambda s: s.sid)
+                            for k in self._all_shards}
+        for k, pieces in self._all_pieces.items():
+            if len(pieces) == 1:
+                self._all_pieces[k] = [[]]
 
     # --- sockets ---
 
@@ -169,60 +183,18 @@ class ParamClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- the request engine ---
+    # --- the request engine (worker/flight.py) ---
+
+    def _flight(self, sink: Callable[[int, Ok], None] | None = None) -> Flight:
+        return Flight(self, window=self.window, sink=sink)
 
     def _exchange(self, requests: dict[int, Message], *, patient: bool = False,
                   sink: Callable[[Ok], None] | None = None) -> dict[int, Ok]:
-        """Send each shard its request and gather every reply (Lazy Pirate).
-
-        `patient`: the request may be held by a policy, so keep re-sending
-        until max_wait_s rather than giving up after `retries`. `sink` is
-        called with each reply as it arrives (before the others are in).
-        """
-        frames = {k: encode(msg) for k, msg in requests.items()}
-        for k, f in frames.items():
-            send_message(self._sock(k), f)
-        replies: dict[int, Ok] = {}
-        tries = dict.fromkeys(requests, 0)
-        started = time.monotonic()
-        deadline = dict.fromkeys(requests, started + self.timeout_s)
-        waiting = list(requests)
-        check_ms = int(ADDRESS_CHECK_INTERVAL_S * 1000) if self.resolve is not None else None
-        while waiting:
-            wait_ms = max(0, int((min(deadline[k] for k in waiting) - time.monotonic()) * 1000))
-            if check_ms is not None:
-                wait_ms = min(wait_ms, check_ms)
-            # zmq_poll on a fresh list: a Poller object per wait costs more than the poll.
-            ready = [sock for sock, _events in zmq.zmq_poll([(self._socks[k], _POLLIN) for k in waiting], wait_ms)]
-            for k in waiting:
-                if self._socks[k] in ready:
-                    reply = self._receive(k, requests[k])
-                    if reply is not None:
-                        replies[k] = reply
-                        if sink is not None:
-                            sink(reply)
-            waiting = [k for k in waiting if k not in replies]
-            if not waiting:
-                break
-            now = time.monotonic()
-            # A moved shard answers nothing: look for moves only when a wait came back empty,
-            # never on the path of replies arriving.
-            for k in self._follow_moves(waiting) if not ready else ():  # restarted elsewhere: ask it there now
-                send_message(self._sock(k), frames[k])
-                deadline[k] = now + self.timeout_s
-            for k in waiting:
-                if now < deadline[k]:
-                    continue
-                tries[k] += 1
-                out_of_time = now - started >= self.max_wait_s if patient else tries[k] > self.retries
-                if out_of_time:
-                    raise ShardTimeout(
-                        f"shard {k} at {self.addrs[k]} did not answer '{requests[k].OP}' for job {self.job!r} "
-                        f"within {now - started:.1f}s ({tries[k] - 1} retries)")
-                self._reset(k)  # Lazy Pirate: a fresh socket, the same request
-                send_message(self._sock(k), frames[k])
-                deadline[k] = now + self.timeout_s * (1 if patient else min(2 ** tries[k], 8))
-        return replies
+        """One message to each shard (each under the piece bound); every reply."""
+        flight = self._flight(None if sink is None else lambda _k, reply: sink(reply))
+        for k, msg in requests.items():
+            flight.add(k, msg, patient=patient)
+        return flight.wait()
 
     def _follow_moves(self, shards: Sequence[int]) -> list[int]:
         """Those of `shards` that `resolve` now places at another address; their sockets are reset to it."""
@@ -237,21 +209,8 @@ class ParamClient:
             self.addrs[k] = current[k]
         return moved
 
-    def _receive(self, k: int, request: Message) -> Ok | None:
-        try:
-            frames = recv_message(self._socks[k])
-        except zmq.Again:
-            return None
-        try:
-            reply = raise_if_error(decode(frames))
-        except ProtocolError as exc:
-            if exc.rid not in (0, request.rid):
-                return None  # an answer to an older request on this socket
-            raise ShardError(k, self.addrs[k], exc) from None
-        if reply.rid != request.rid:
-            return None
-        if not isinstance(reply, Ok):
-            raise ShardError(k, self.addrs[k], ProtocolError(ErrorCode.BAD_FRAME, f"unexpected reply op {reply.OP}"))
+    def _note(self, k: int, reply: Ok) -> None:
+        """What every reply tells: the shard's version, our clock there, the steps of our partitions."""
         body = reply.body
         version = body.get("version")
         if type(version) is int:
@@ -261,7 +220,6 @@ class ParamClient:
             self.clocks[k] = clock
         held = body.get("held")
         self.held[k] = {key: c for key, c in held.items() if type(c) is int} if type(held) is dict else {}
-        return reply
 
     # --- helpers ---
 
@@ -286,20 +244,40 @@ class ParamClient:
                     per_shard[shard] = [sl]
         return per_shard
 
-    def _wanted(self, names: Sequence[str] | None) -> dict[int, list[int]]:
-        """Slice ids to ask each shard for; an empty list means all it holds (names=None)."""
+    def _wanted(self, names: Sequence[str] | None) -> dict[int, list[list[int]]]:
+        """Slice ids to ask each shard for, in pieces under the bound; [[]] means all it holds (it fits one)."""
         if names is None:
-            return {k: [] for k in self._all_shards}
+            return {k: self._all_pieces[k] for k in self._all_shards}
         per_shard: dict[int, list[int]] = {}
         for name in names:
             if name not in self._tensors:
                 raise ValueError(f"tensor {name!r} is not in job {self.job!r}'s plan")
             for shard, sid, _start, _stop in self._pieces[name]:
                 per_shard.setdefault(shard, []).append(sid)
-        return per_shard
+        return {k: self._cut([self._slice[sid] for sid in sids], lambda s: s.nbytes, lambda s: s.sid)
+                for k, sids in per_shard.items()}
+
+    def _cut(self, items: Sequence, size, pick) -> list[list]:
+        """`items` in runs of at most piece_bytes (by `size`), at least one each; `pick` of each."""
+        pieces: list[list] = []
+        run: list = []
+        total = 0
+        for item in items:
+            n = size(item)
+            if run and total + n > self.piece_bytes:
+                pieces.append(run)
+                run, total = [], 0
+            run.append(pick(item))
+            total += n
+        if run or not pieces:
+            pieces.append(run)
+        return pieces
+
+    def _slice_pieces(self, slices: Sequence[SliceData]) -> list[list[SliceData]]:
+        return self._cut(slices, lambda sl: sl.data.nbytes, lambda sl: sl)
 
     def _results(self, names: Sequence[str] | None,
-                 out: Mapping[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], Callable[[Ok], None]]:
+                 out: Mapping[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], Callable[[int, Ok], None]]:
         """The result tensors (from `out` where given, checked) and a sink that copies a reply into them."""
         names = list(self._tensors) if names is None else list(names)
         result: dict[str, np.ndarray] = {}
@@ -314,7 +292,7 @@ class ParamClient:
         flats = {name: arr.reshape(-1) for name, arr in result.items()}
         where = self._slice
 
-        def sink(reply: Ok) -> None:
+        def sink(_k: int, reply: Ok) -> None:
             for sl in reply.slices:
                 s = where.get(sl.sid)
                 flat = None if s is None else flats.get(s.name)
@@ -327,28 +305,37 @@ class ParamClient:
 
     def create(self, arrays: Mapping[str, np.ndarray], *, optimizer: dict | None = None,
                policy: dict | None = None, nonlearned: Sequence[str] = (), checkpoint_every: int = 0) -> bool:
-        """Create the job's table on every shard from initial values; True if it already existed everywhere."""
+        """Create the job's table on every shard from initial values; True if it already existed everywhere.
+
+        The tables are created empty, then the values follow in pieces (`load`), so no message
+        carries more than the piece bound whatever the model's size.
+        """
         missing = sorted(set(self._tensors) - set(arrays))
         if missing:
             raise ValueError(f"initial value of {missing[0]!r} is missing")
-        per_shard = self._grad_slices(arrays)
         requests = {
             k: Create(**self._common(k, -1), plan=self.plan.to_wire(), optimizer=optimizer or {},
-                      policy=policy or {}, nonlearned=list(nonlearned), checkpoint_every=checkpoint_every,
-                      slices=tuple(per_shard.get(k, ())))
+                      policy=policy or {}, nonlearned=list(nonlearned), checkpoint_every=checkpoint_every)
             for k in range(len(self.addrs))
         }
         replies = self._exchange(requests)
-        return all(r.body.get("existed") for r in replies.values())
+        if all(r.body.get("existed") for r in replies.values()):
+            return True
+        self.load(arrays, only=[k for k, r in replies.items() if not r.body.get("existed")])
+        return False
 
-    def load(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Send the initial values of a job whose tables the scheduler created; once every shard has them."""
+    def load(self, arrays: Mapping[str, np.ndarray], *, only: Sequence[int] | None = None) -> None:
+        """Send the initial values of a job whose tables were created without them, in pieces;
+        returns once every shard (of `only`, when given) has all of them."""
         missing = sorted(set(self._tensors) - set(arrays))
         if missing:
             raise ValueError(f"initial value of {missing[0]!r} is missing")
         per_shard = self._grad_slices(arrays)
-        self._exchange({k: Load(**self._common(k, -1), slices=tuple(per_shard.get(k, ())))
-                        for k in range(len(self.addrs))})
+        flight = self._flight()
+        for k in range(len(self.addrs)) if only is None else only:
+            for piece in self._slice_pieces(per_shard.get(k, [])):
+                flight.add(k, Load(**self._common(k, -1), slices=tuple(piece)))
+        flight.wait()
 
     def pull(self, names: Sequence[str] | None = None, *, clock: int | None = -1,
              out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -360,8 +347,11 @@ class ParamClient:
         """
         wanted = self._wanted(names)
         result, sink = self._results(names, out)
-        requests = {k: Pull(**self._common(k, clock), sids=sids) for k, sids in wanted.items()}
-        self._exchange(requests, patient=clock != -1, sink=sink)
+        flight = self._flight(sink)
+        for k, pieces in wanted.items():
+            for sids in pieces:
+                flight.add(k, Pull(**self._common(k, clock), sids=sids), patient=clock != -1)
+        flight.wait()
         return result
 
     def push(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0,
@@ -370,30 +360,26 @@ class ParamClient:
 
         parts: the data partitions this is one step of (their mean gradient); empty: this worker's own step.
         """
-        per_shard = self._grad_slices(grads)
-        requests = {k: Push(**self._common(k, clock), base_version=self.versions[k], norm=norm, parts=list(parts),
-                            slices=tuple(sl))
-                    for k, sl in per_shard.items()}
-        self._exchange(requests)
+        stream = StepStream(self, clock=clock, norm=norm, parts=parts, pull=False)
+        stream.send(grads)
+        stream.finish()
 
     def push_pull(self, grads: Mapping[str, np.ndarray], *, clock: int | None = -1, norm: float = -1.0,
                   names: Sequence[str] | None = None, parts: Sequence[int] = (),
                   out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Push step `clock`'s gradients and get the values for the next step, one round trip per shard.
+        """Push step `clock`'s gradients and get the values for the next step, one round trip per piece.
 
         parts: as for `push`.
         """
-        per_shard = self._grad_slices(grads)
-        wanted = self._wanted(names)
-        result, sink = self._results(names, out)
-        shards = sorted(set(per_shard) | set(wanted))
-        requests = {
-            k: PushPull(**self._common(k, clock), base_version=self.versions[k], norm=norm, parts=list(parts),
-                        sids=wanted.get(k, []), slices=tuple(per_shard.get(k, ())))
-            for k in shards
-        }
-        self._exchange(requests, patient=clock != -1, sink=sink)
-        return result
+        stream = StepStream(self, clock=clock, norm=norm, parts=parts, names=names, out=out)
+        stream.send(grads)
+        return stream.finish()
+
+    def stream(self, *, clock: int | None = -1, norm: float = -1.0, names: Sequence[str] | None = None,
+               parts: Sequence[int] = (), out: Mapping[str, np.ndarray] | None = None) -> StepStream:
+        """A push_pull whose gradients are sent as they become ready (`send`, then `finish`):
+        pieces go out while the caller computes the rest (worker/task.py, backprop by layer)."""
+        return StepStream(self, clock=clock, norm=norm, parts=parts, names=names, out=out)
 
     def part_steps(self) -> dict[int, int]:
         """Steps each partition we hold has completed: the least any shard reported (after a pull or push)."""
@@ -409,3 +395,107 @@ class ParamClient:
         """Every shard's `stats` body (counters, tables), in shard order."""
         replies = self._exchange({k: Stats(**self._common(k, -1)) for k in range(len(self.addrs))})
         return [replies[k].body for k in range(len(self.addrs))]
+
+
+class StepStream:
+    """One step's push (and pull of the next step's values), sent in pieces as gradients become ready.
+
+    `send(grads)` cuts the given tensors' gradients into slices and sends
+    every full piece (at most the client's piece bound) as an early piece
+    (`Push(more=True)`), which the shard applies or sums as it arrives;
+    `finish()` sends what is left as each shard's last piece (a PushPull
+    asking for the first piece of values, then Pulls for the rest, at the
+    next step's clock), waits for every reply and returns the values. The
+    arrays given to `send` must not change until `finish` returns (they are
+    sent without a copy). A tensor sent twice is a ValueError.
+    """
+
+    def __init__(self, client: ParamClient, *, clock: int | None, norm: float, parts: Sequence[int] = (),
+                 names: Sequence[str] | None = None, out: Mapping[str, np.ndarray] | None = None,
+                 pull: bool = True):
+        self.c = client
+        self.clock = clock
+        self.norm = norm
+        self.parts = list(parts)
+        self.pull = pull
+        self.names = names
+        if pull:
+            self.wanted = client._wanted(names)
+            self.result, sink = client._results(names, out)
+        else:
+            self.wanted, self.result, sink = {}, {}, None
+        self.flight = client._flight(sink)
+        self.base = list(client.versions)  # the versions this step's gradient was computed from
+        self.pending: dict[int, list[SliceData]] = {}
+        self.pending_bytes: dict[int, int] = {}
+        self.sent: set[str] = set()
+
+    def _head(self, k: int) -> dict:
+        return {**self.c._common(k, self.clock), "base_version": self.base[k], "norm": self.norm,
+                "parts": self.parts, "coding": self.c.compressor.coding}
+
+    def send(self, grads: Mapping[str, object]) -> None:
+        """Queue these tensors' gradients; every full piece goes out now.
+
+        A value may be an array or a row source (`rows(start, stop)` and
+        `shape`, as worker/nn/model.py's RowBlocks): its slices are made one
+        at a time as they go, and the caller waits while more than a window
+        of pieces is queued, so at most a few pieces of it exist at once.
+        """
+        again = self.sent.intersection(grads)
+        if again:
+            raise ValueError(f"gradient of {sorted(again)[0]!r} was sent already in this step")
+        self.sent.update(grads)
+        c = self.c
+        arrays = {name: g for name, g in grads.items() if not hasattr(g, "rows")}
+        for k, slices in c._grad_slices(arrays).items():
+            for sl in slices:
+                self._add(k, sl)
+        for name, source in grads.items():
+            if name not in arrays:
+                self._send_rows(name, source)
+        self.flight.pump(block=False)
+
+    def _add(self, k: int, sl: SliceData) -> None:
+        """One gradient slice into shard k's run; a full run goes out as an early piece."""
+        frames = self.c.compressor.encode(sl)   # one frame, or top-k's pair: never cut apart
+        size = sum(f.data.nbytes for f in frames)
+        run = self.pending.setdefault(k, [])
+        if run and self.pending_bytes.get(k, 0) + size > self.c.piece_bytes:
+            self.flight.add(k, Push(**self._head(k), more=True, slices=tuple(run)))
+            run = self.pending[k] = []
+            self.pending_bytes[k] = 0
+        run.extend(frames)
+        self.pending_bytes[k] = self.pending_bytes.get(k, 0) + size
+
+    def _send_rows(self, name: str, source) -> None:
+        c = self.c
+        spec = c._tensors.get(name)
+        if spec is None:
+            raise ValueError(f"tensor {name!r} is not in job {c.job!r}'s plan")
+        if tuple(source.shape) != tuple(spec.shape) or len(spec.shape) != 2:
+            raise ValueError(f"gradient {name!r} has shape {tuple(source.shape)}; the plan says {spec.shape}")
+        width = spec.shape[1]
+        for shard, sid, start, stop in c._pieces[name]:
+            first = start // width
+            block = source.rows(first, -(-stop // width)).reshape(-1)
+            self._add(shard, SliceData(sid, block[start - first * width:stop - first * width]))
+            self.flight.throttle(self.c.window)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """Send each shard its last piece (and the pulls of the next step's values); wait for every reply."""
+        c = self.c
+        patient = self.clock != -1
+        for k in sorted(set(self.pending) | set(self.wanted)):
+            clock = c.clocks[k] if self.clock is None else self.clock  # what the last piece carries
+            next_clock = clock + 1 if clock >= 0 else -1
+            run = tuple(self.pending.get(k, ()))
+            pieces = list(self.wanted.get(k, ()))
+            if k in self.pending and pieces:
+                self.flight.add(k, PushPull(**self._head(k), sids=pieces.pop(0), slices=run), patient=patient)
+            elif k in self.pending:
+                self.flight.add(k, Push(**self._head(k), slices=run))
+            for sids in pieces:  # after the last piece on the same socket: the shard sees the push first
+                self.flight.add(k, Pull(**c._common(k, next_clock), sids=sids), patient=patient)
+        self.flight.wait()
+        return self.result

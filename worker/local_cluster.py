@@ -9,6 +9,13 @@ happened. `LocalCluster` is the processes of a cluster on this machine (a
 scheduler, shards, workers, or any module that announces itself the same
 way) with their logs in one directory; `psctl run`, the benchmarks and the
 tests' process helpers (tests/procs.py) all start their children here.
+
+BLAS threads: every child starts with one (QUIET_BLAS, unless this
+process's environment says otherwise); `boot` then gives each worker
+`worker_threads(workers)` (cores // workers) through `psctl worker --threads-per-worker`,
+which resizes the worker's own BLAS pool once numpy is loaded (setting the
+variables after that would change nothing). Shards and the scheduler keep
+one: their work is memory-bound copies and element-wise updates.
 """
 from __future__ import annotations
 
@@ -20,15 +27,23 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import IO
 
 from protocol.endpoints import READY_PREFIX
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
-# BLAS threads per process: several processes share the cores, and numpy's
-# small matrices run slower, not faster, with threads fighting over them.
+# BLAS threads of every child at start: several processes share the cores, and
+# numpy's small matrices run slower, not faster, with threads fighting over
+# them. Workers, whose matmuls are the compute, get theirs from `boot`.
 QUIET_BLAS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """BLAS threads per worker when `workers` share this machine's `cores` (default: os.cpu_count()): at least one."""
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers))
 
 
 class NotReady(RuntimeError):
@@ -191,36 +206,60 @@ class LocalCluster:
             raise ClusterError(f"{name} did not start (see {self.log_dir}/{name}.log): "
                                f"{self.log_tail(name)}") from None
 
-    def boot(self, servers: int, worker_args: list[list[str]], *, curve_dir: str | None = None):
+    def boot(self, servers: int, worker_args: list[list[str]], *, curve_dir: str | None = None,
+             threads_per_worker: int | None = None, server_args: Sequence[str] = (),
+             scheduler_args: Sequence[str] = ()):
         """Start a scheduler, `servers` shards and one worker per entry of `worker_args`.
 
         With `curve_dir` (see make_keys) every daemon runs with CURVE and
-        the returned client holds the admin key. Returns (scheduler
-        address, a SchedulerClient to it); the workers start only once
-        every shard has registered, so jobs are planned over all of them.
+        the returned client holds the admin key. Each worker gets
+        `threads_per_worker` BLAS threads (default: worker_threads(number of
+        workers)) unless its own entry of `worker_args` says otherwise;
+        `server_args` and `scheduler_args` are added to every shard's and
+        the scheduler's command line (their limits: --max-message-bytes,
+        --max-model-bytes, ...). Returns (scheduler address, a
+        SchedulerClient to it); the workers start only once every shard has
+        registered, so jobs are planned over all of them.
         """
         from worker.client import CurveKeys
         from worker.sched_client import SchedulerClient
 
         curve = ["--curve-dir", curve_dir] if curve_dir else []
         addr = self.start("scheduler", "scheduler", "--state-dir", os.path.join(self.log_dir, "scheduler"),
-                          *curve)["addr"]
+                          *curve, *scheduler_args)["addr"]
         for k in range(servers):
             self.start(f"server-{k}", "server", "--shard-id", str(k), "--scheduler", addr,
-                       "--bind", "tcp://127.0.0.1:0", *curve)
+                       "--bind", "tcp://127.0.0.1:0", *curve, *server_args)
         keys = None
         if curve_dir:
             admin = CurveKeys.load(curve_dir, "admin")
             keys = admin.to(admin.scheduler)
         client = SchedulerClient(addr, timeout_s=5.0, retries=2, keys=keys)
+        threads = threads_per_worker or worker_threads(len(worker_args))
         try:
             _wait_for_servers(client, servers)
             for i, args in enumerate(worker_args):
-                self.start(f"worker-{i}", "worker", "--scheduler", addr, *curve, *args)
+                # The worker's own args come last: for a repeated option, click keeps the last one.
+                self.start(f"worker-{i}", "worker", "--scheduler", addr, *curve,
+                           "--threads-per-worker", str(threads), *args)
         except BaseException:
             client.close()
             raise
         return addr, client
+
+    def pid_of(self, name: str) -> int:
+        """The pid of the child started as `name` (KeyError if there is none)."""
+        for child_name, child in self.children:
+            if child_name == name:
+                return child.pid
+        raise KeyError(name)
+
+    def ready_of(self, name: str) -> dict:
+        """What the child started as `name` announced in its READY line (KeyError if there is none)."""
+        for child_name, child in self.children:
+            if child_name == name:
+                return dict(child.ready or {})
+        raise KeyError(name)
 
     def make_keys(self, directory: str) -> str:
         """One CURVE key per role (scheduler, server, worker, admin) in `directory`, made by `psctl keys generate`.

@@ -72,7 +72,7 @@ def global_norm(grads: Mapping[str, Any], *, skip=()) -> float:
 
 
 def accumulate_gradients(model, x, y, micro_batches: int, *, accumulate: bool = False,
-                         scale: float = 1.0) -> tuple[float, float]:
+                         scale: float = 1.0, on_layer=None, defer: bool = False) -> tuple[float, float]:
     """Fill model.grads with `scale` times the gradient of the whole batch (x, y),
     computed in `micro_batches` consecutive pieces (added to the grads already
     there with `accumulate`); returns the batch's (mean loss, accuracy).
@@ -87,13 +87,14 @@ def accumulate_gradients(model, x, y, micro_batches: int, *, accumulate: bool = 
     if not 1 <= k <= n:
         raise ValueError(f"micro_batches must be in 1..{n} (the batch size), found {micro_batches}")
     if k == 1:
-        return model.train_step(x, y, accumulate=accumulate, scale=scale)
+        return model.train_step(x, y, accumulate=accumulate, scale=scale, on_layer=on_layer, defer=defer)
     loss = acc = 0.0
     edges = [n * i // k for i in range(k + 1)]
     for i in range(k):
         a, b = edges[i], edges[i + 1]
         w = (b - a) / n
-        li, ai = model.train_step(x[a:b], y[a:b], accumulate=accumulate or i > 0, scale=w * scale)
+        li, ai = model.train_step(x[a:b], y[a:b], accumulate=accumulate or i > 0, scale=w * scale,
+                                  on_layer=on_layer if i == k - 1 else None)
         loss += li * w
         acc += ai * w
     return loss, acc
@@ -111,11 +112,47 @@ def dropout_seed(seed: int, partition: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, _DROPOUT_STEP_STREAM, partition, step]).generate_state(1)[0])
 
 
+def _checked(on_layer, step: int, parts: list[int], deferred: set):
+    """`on_layer` behind a finiteness check: nothing that is not finite leaves the worker.
+    Deferred dense gradients (RowBlocks) are named in `deferred`; their sender checks each block."""
+    def hook(grads: dict) -> None:
+        lazy = {name for name, g in grads.items() if not hasattr(g, "dtype")}
+        deferred.update(lazy)
+        norm = global_norm(grads, skip=lazy)
+        if not math.isfinite(norm):
+            name = next(iter(grads))
+            raise Diverged(f"diverged at step {step} (partitions {', '.join(map(str, parts))}): "
+                           f"gradient norm {norm} in {name.split('.')[0]}")
+        on_layer({name: _CheckedRows(g, name, step, parts) if name in lazy else g for name, g in grads.items()})
+    return hook
+
+
+class _CheckedRows:
+    """A row source (worker/nn/model.py, RowBlocks) whose every block is checked finite as it is made."""
+
+    def __init__(self, source, name: str, step: int, parts: list[int]):
+        self.source, self.name, self.step, self.parts = source, name, step, parts
+        self.shape = source.shape
+
+    def rows(self, start: int, stop: int):
+        block = self.source.rows(start, stop)
+        if not bool(block.size == 0 or np.isfinite(block).all()):
+            raise Diverged(f"diverged at step {self.step} (partitions {', '.join(map(str, self.parts))}): "
+                           f"a gradient of {self.name} (rows {start}..{stop - 1}) is not finite")
+        return block
+
+
 def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batches: int, clip_norm: float,
-                    seed: int, xp: Any = np) -> StepResult:
+                    seed: int, xp: Any = np, on_layer=None, defer: bool = False) -> StepResult:
     """Gradients of step `step` of every partition in `batches` (partition -> Batches), averaged.
 
-    Raises Diverged before returning anything that is not finite.
+    Raises Diverged before returning anything that is not finite. `on_layer`
+    (Model.backward) gets each layer's final gradients as soon as they are
+    done, each checked finite first (Diverged otherwise); it is not called
+    when clipping is on (the shards need the whole gradient's norm first:
+    the caller sends after this returns then). `defer` (one partition, one
+    micro-batch): dense layers' dW go to `on_layer` as RowBlocks, made as
+    they are sent, and are not in the result (Model.backward).
     """
     parts = sorted(batches)
     k = len(parts)
@@ -124,6 +161,7 @@ def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batch
     delta_sum: dict[str, Any] = {}
     grad_sum: dict[str, Any] | None = None
     clip_each = clip_norm > 0 and k > 1
+    deferred: set[str] = set()    # dense dW the hook sent as row blocks: never in model.grads
     losses, accs = {}, {}
     examples = 0
     for i, p in enumerate(parts):
@@ -135,8 +173,10 @@ def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batch
             for name, v in stats.items():   # every partition normalises from the pulled statistics
                 v[...] = before[name]
         accumulate = i > 0 and not clip_each
+        hook = None if on_layer is None or clip_norm > 0 or i < k - 1 else _checked(on_layer, step, parts, deferred)
         loss, acc = accumulate_gradients(model, xp.asarray(x), xp.asarray(y), micro_batches,
-                                         accumulate=accumulate, scale=1.0 if clip_each else 1.0 / k)
+                                         accumulate=accumulate, scale=1.0 if clip_each else 1.0 / k, on_layer=hook,
+                                         defer=defer and k == 1 and hook is not None)
         loss = float(loss)
         if not math.isfinite(loss):
             raise Diverged(f"diverged at step {step} (partition {p}): loss {loss}")
@@ -157,7 +197,7 @@ def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batch
     if stats:
         for name, v in stats.items():
             v[...] = before[name]       # the pushed mean change is what the shards add
-    grads = grad_sum if grad_sum is not None else dict(model.grads)
+    grads = grad_sum if grad_sum is not None else {n: g for n, g in model.grads.items() if n not in deferred}
     deltas = {name: d / k for name, d in delta_sum.items()} if k > 1 else delta_sum
     norm = global_norm(grads)
     if not math.isfinite(norm):

@@ -40,7 +40,7 @@ from protocol.errors import ErrorCode
 from protocol.messages import Assign, Report
 from protocol.partitions import steps_owed
 from protocol.plan import Plan
-from worker.client import ParamClient, ShardError
+from worker.client import ParamClient, ShardError, piece_bound
 from worker.data import DataError, load_dataset, worker_batches
 from worker.sched_client import SchedulerError, SchedulerUnavailable
 from worker.step import Diverged, partitions_step
@@ -153,6 +153,10 @@ class Task:
                 # Removed from the membership (the job stopped, or this worker was
                 # declared dead while stalled): not this job's failure, just leave it.
                 outcome, event = Outcome("stopped", str(exc)), "stopped"
+            elif exc.code is ErrorCode.TOO_LARGE:
+                # The same request would be refused again wherever it ran: the job fails, no retry loop.
+                outcome, event = Outcome("failed", f"{exc} (a slice over the shards' --max-message-bytes: "
+                                                   "lower the job's partition_bytes)"), "fatal"
             elif exc.code is ErrorCode.UNKNOWN_JOB:
                 outcome, event = Outcome("failed", f"{exc} (the shard lost the job's parameters; run servers "
                                                    "with --checkpoint-dir to survive restarts)"), "failed"
@@ -263,7 +267,9 @@ class Task:
         self.client = ParamClient(self.a.shards, plan, job=self.job, worker=self.worker, ctx=self.ctx,
                                   timeout_s=10.0, retries=3,
                                   resolve=lambda: self.heartbeat.shard_addresses(self.job),
-                                  curve=self.keys.pair if self.keys else None, shard_keys=self.a.shard_keys)
+                                  curve=self.keys.pair if self.keys else None, shard_keys=self.a.shard_keys,
+                                  compression=self.spec.get("compression"),
+                                  piece_bytes=piece_bound(self.a.max_message_bytes))
         return self.client
 
     # --- partitions held ---
@@ -385,22 +391,31 @@ class Task:
             self._load(model, host)
             self._fresh = True
         t0 = time.perf_counter()
+        clip_norm = float(self.spec["optimizer"]["clip_norm"])
+        base = list(client.versions)
+        # Overlap (the job's `overlap`, on by default): each layer's gradient goes out as soon as
+        # its backward is done, last layer first, while the earlier layers compute. Not with
+        # clipping: the shards scale by the whole gradient's norm, known only at the end.
+        stream = None
+        if self.spec.get("overlap", True) and clip_norm <= 0:
+            stream = client.stream(clock=step, norm=-1.0, parts=parts, out=host)
+        self._fresh = False
         result = partitions_step(model, {k: self.held[k].batches for k in parts}, step,
                                  micro_batches=int(self.spec["data"].get("micro_batches", 1)),
-                                 clip_norm=float(self.spec["optimizer"]["clip_norm"]),
-                                 seed=int(self.spec["seed"]), xp=self.device.xp)
-        grads = {**result.grads, **result.deltas}
-        if self.device.name != "cpu":
-            grads = {k: self.device.to_host(v) for k, v in grads.items()}
+                                 clip_norm=clip_norm, seed=int(self.spec["seed"]), xp=self.device.xp,
+                                 on_layer=None if stream is None else lambda g: stream.send(self._host(g)),
+                                 defer=self.device.name == "cpu")
         if self.slowdown > 1.0:
             # Experiments only: this worker computes `slowdown` times slower
             # (a straggler). The round trip is not scaled: it may hold time
             # a policy made us wait, and slowed workers waiting on each other
             # would compound step after step.
             time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
-        base = list(client.versions)
-        self._fresh = False
-        client.push_pull(grads, clock=step, norm=result.norm, parts=parts, out=host)
+        if stream is None:
+            stream = client.stream(clock=step, norm=result.norm, parts=parts, out=host)
+        grads = {**result.grads, **result.deltas}
+        stream.send(self._host({k: v for k, v in grads.items() if k not in stream.sent}))
+        stream.finish()
         self._fresh = True
         # Replies carry the version they reflect: the updates that landed
         # between the pull this gradient came from and its own update.
@@ -412,6 +427,12 @@ class Task:
             h.step, h.loss, h.accuracy = step + 1, result.losses[k], result.accuracies[k]
         self.heartbeat.report(self.job, {"parts": self._parts_state()})
         self._observe(time.perf_counter() - t0, result.examples, result, stale)
+
+    def _host(self, arrays: dict) -> dict:
+        """Gradients as the client sends them: host arrays (copied off a GPU)."""
+        if self.device.name == "cpu":
+            return arrays
+        return {k: self.device.to_host(v) for k, v in arrays.items()}
 
     def _observe(self, step_s: float, examples: int, result, stale: int) -> None:
         if self.metrics is None:

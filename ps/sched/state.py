@@ -385,7 +385,8 @@ class SchedulerState(Placement, Reports, Views, Checkpoints):
                           init=task == TRAIN and run.init_worker == worker and not run.initialized,
                           plan=run.plan.to_wire() if run.plan else None, nonlearned=list(run.record.nonlearned),
                           epoch=run.acked_epoch(), max_model_bytes=self.max_model_bytes,
-                          shard_keys=[self._shard_key(k, addr) for k, addr in enumerate(run.shards)])
+                          shard_keys=[self._shard_key(k, addr) for k, addr in enumerate(run.shards)],
+                          max_message_bytes=self._message_limit(run.shards))
 
     # --- submissions ---
 
@@ -408,6 +409,11 @@ class SchedulerState(Placement, Reports, Views, Checkpoints):
             raise ProtocolError(ErrorCode.BAD_SPEC, f"model: its parameters need at least {least:,} bytes, over "
                                 f"this scheduler's limit of {self.max_model_bytes:,} (--max-model-bytes)",
                                 rid=msg.rid)
+        limit = self._message_limit([peer.addr for peer in self.servers.values()], by_id=False)
+        if limit and spec["partition_bytes"] > limit - limit // 4:  # worker/client.py, piece_bound
+            raise ProtocolError(ErrorCode.BAD_SPEC, f"partition_bytes: {spec['partition_bytes']:,} is more than a "
+                                f"slice may be under the servers' --max-message-bytes of {limit:,}: at most "
+                                f"{limit - limit // 4:,}", rid=msg.rid)
         checks.init_source(spec, self.jobs, msg.rid)
         seq = self.next_seq
         self.next_seq += 1
@@ -436,6 +442,18 @@ class SchedulerState(Placement, Reports, Views, Checkpoints):
                 out.append(CallShard(call, addr, Membership(job=run.job_id, epoch=run.epoch, workers=workers,
                                                             holders=holders, readers=run.readers()),
                                      key=self._shard_key(k, addr)))
+
+    def _message_limit(self, shards: list[str], *, by_id: bool = True) -> int:
+        """The least --max-message-bytes the job's shards (plan shard k at shards[k]; with
+        `by_id` False, any live server at one of `shards`) registered with (0: none told)."""
+        limits = []
+        live = {peer.addr: peer for peer in self.servers.values()}
+        for k, addr in enumerate(shards):
+            peer = self.servers.get(k) if by_id else live.get(addr)
+            told = peer.info.get("max_message_bytes", "") if peer is not None and peer.addr == addr else ""
+            if told.isdigit() and int(told) > 0:
+                limits.append(int(told))
+        return min(limits, default=0)
 
     def _shard_key(self, shard: int, addr: str) -> str:
         """The CURVE public key of the shard at `addr` ("": none known, or CURVE off)."""

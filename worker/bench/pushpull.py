@@ -82,6 +82,10 @@ CURVE_COLUMNS = (  # added with --curve
     ("curve p90 ms", "curve_p90_s", "ms"),
     ("curve/plain", "curve_over_plain", "{:.2f}"),
 )
+WIRE_COLUMNS = (  # added with --wire fp16 (or topk:R): the same calls with the job's compression
+    ("wire ms", "wire_median_s", "ms"),
+    ("wire/f32", "wire_over_f32", "{:.2f}"),
+)
 
 
 # --- measurement ----------------------------------------------------------------
@@ -126,11 +130,13 @@ def _timed_rounds(fns: list, *, repeat: int | None, min_time_s: float) -> list[l
     return times
 
 
-def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, curve_client=None) -> list[dict]:
+def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, curve_client=None,
+               wire_client=None) -> list[dict]:
     """One row per op for the table `plan` describes (created already through `client`).
 
     With `curve_client` (the same table on the CURVE shards), its calls take
-    turns with the others and each row gains its figures.
+    turns with the others and each row gains its figures; so with
+    `wire_client` (the same table, gradients sent with a compression).
     """
     import numpy as np
 
@@ -158,11 +164,19 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, cur
         "pull": lambda: curve_client.pull(out=outs),
         "push_pull": lambda: curve_client.push_pull(grads, out=outs),
     }
+    wire = None if wire_client is None else {
+        "push": lambda: wire_client.push(grads),
+        "pull": lambda: wire_client.pull(out=outs),
+        "push_pull": lambda: wire_client.push_pull(grads, out=outs),
+    }
     moved = {"push": size, "pull": size, "push_pull": 2 * size}  # payload bytes sent + received
     rows = []
     for op in OPS:
-        fns = [ours[op], raw[op], floor[op]] + ([curve[op]] if curve is not None else [])
-        t_ours, t_raw, t_floor, *t_curve = _timed_rounds(fns, repeat=repeat, min_time_s=min_time_s)
+        fns = [ours[op], raw[op], floor[op]] + ([wire[op]] if wire is not None else []) \
+            + ([curve[op]] if curve is not None else [])
+        t_ours, t_raw, t_floor, *t_more = _timed_rounds(fns, repeat=repeat, min_time_s=min_time_s)
+        t_wire = [t_more.pop(0)] if wire is not None else []
+        t_curve = t_more
         median, p90 = _quantiles(t_ours)
         raw_median, raw_p90 = _quantiles(t_raw)
         floor_median, floor_p90 = _quantiles(t_floor)
@@ -175,6 +189,10 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, cur
             "slowdown": median / raw_median,
             "over_floor": median / floor_median,
         })
+        if t_wire:
+            wire_median, _wire_p90 = _quantiles(t_wire[0])
+            rows[-1].update({"wire": wire_client.compressor.kind, "wire_median_s": wire_median,
+                             "wire_over_f32": wire_median / median})
         if t_curve:
             curve_median, curve_p90 = _quantiles(t_curve[0])
             rows[-1].update({
@@ -237,7 +255,8 @@ def start_shards(children: LocalCluster, servers: int, keys: BenchKeys | None) -
                            "--log-level", "warning", "--curve-dir", curve_dir)["addr"] for k in range(servers)]
 
 
-def open_table(addrs: list[str], plan, job: str, arrays: dict, keys: BenchKeys | None):
+def open_table(addrs: list[str], plan, job: str, arrays: dict, keys: BenchKeys | None,
+               compression: str | None = None):
     """Set up `job` on the shards as the scheduler would, and return the bench's ParamClient for it.
 
     A client with the scheduler's key creates the table and sends the
@@ -256,11 +275,13 @@ def open_table(addrs: list[str], plan, job: str, arrays: dict, keys: BenchKeys |
         # No public call sends a membership (the scheduler's own calls live in ps/): the client's engine does.
         control._exchange({k: Membership(**control._common(k, -1), epoch=1, workers={WORKER_ID: -1})
                            for k in range(len(addrs))})
-    return ParamClient(addrs, plan, job=job, worker=WORKER_ID, curve=keys.worker if keys else None, **common)
+    return ParamClient(addrs, plan, job=job, worker=WORKER_ID, curve=keys.worker if keys else None,
+                       compression=compression, **common)
 
 
 def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, repeat: int | None,
-              min_time_s: float, children: LocalCluster, keys: BenchKeys | None = None) -> list[dict]:
+              min_time_s: float, children: LocalCluster, keys: BenchKeys | None = None,
+              wire: str | None = None) -> list[dict]:
     """Start the processes into `children`, measure every size, return the rows (children left running).
 
     With `keys`, S more shards run with CURVE and every row gains its figures.
@@ -289,6 +310,11 @@ def run_bench(servers: int, sizes: list[int], *, partition_bytes: int, tensors: 
             initial = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
             job = f"bench-{size}"
             with open_table(addrs, plan, job, initial, None) as client:
+                if wire:
+                    with open_table(addrs, plan, job + "-wire", initial, None, wire) as wire_client:
+                        rows.extend(bench_size(client, echo, plan, repeat=repeat, min_time_s=min_time_s,
+                                               wire_client=wire_client))
+                    continue
                 if curve_addrs is None:
                     rows.extend(bench_size(client, echo, plan, repeat=repeat, min_time_s=min_time_s))
                     continue
@@ -322,7 +348,8 @@ def _cell(row: dict, key: str, fmt: str | None) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Rows as an aligned text table (text left, numbers right); CURVE columns when the rows have them."""
-    columns = COLUMNS + (CURVE_COLUMNS if rows and "curve_median_s" in rows[0] else ())
+    columns = COLUMNS + (WIRE_COLUMNS if rows and "wire_median_s" in rows[0] else ()) \
+        + (CURVE_COLUMNS if rows and "curve_median_s" in rows[0] else ())
     cells = [[_cell(row, key, fmt) for _, key, fmt in columns] for row in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(columns)]
 
@@ -357,7 +384,7 @@ def check_sizes(sizes: list[int], tensors: int, partition_bytes: int) -> None:
 
 
 def run(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, repeat: int | None,
-        min_time_s: float, curve: bool = False) -> list[dict]:
+        min_time_s: float, curve: bool = False, wire: str | None = None) -> list[dict]:
     """Start S shards and S echo servers, measure every size, stop and reap them all; the rows.
 
     With `curve`, also S shards with CURVE on, their keys generated in the
@@ -371,7 +398,7 @@ def run(servers: int, sizes: list[int], *, partition_bytes: int, tensors: int, r
     try:
         keys = load_keys(children.make_keys(os.path.join(log_dir, "keys"))) if curve else None
         return run_bench(servers, sizes, partition_bytes=partition_bytes, tensors=tensors, repeat=repeat,
-                         min_time_s=min_time_s, children=children, keys=keys)
+                         min_time_s=min_time_s, children=children, keys=keys, wire=wire)
     finally:
         children.stop()
         shutil.rmtree(log_dir, ignore_errors=True)

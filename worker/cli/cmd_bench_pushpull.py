@@ -29,9 +29,12 @@ from worker.cli.common import as_usage_error, sizes_option
               metavar="SECONDS", help="Timed seconds per op and size, ours and raw together.")
 @click.option("--curve", is_flag=True,
               help="Also time the same calls with CURVE on (throwaway keys), and print CURVE over plain.")
+@click.option("--wire", default=None, metavar="fp16|topk:R",
+              help="Also time the same calls with gradients sent this way (a job's `compression`), and print "
+                   "their median over float32's (wire/f32).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes: int, repeat: int | None,
-             min_time: float, curve: bool, as_json: bool) -> None:
+             min_time: float, curve: bool, wire: str | None, as_json: bool) -> None:
     """Time push, pull and push_pull through S shard processes against raw pyzmq.
 
     GB/s counts payload bytes sent plus received; slowdown is our median
@@ -42,20 +45,27 @@ def pushpull(servers: int, sizes: tuple[int, ...], tensors: int, partition_bytes
     encryption, called in the same rounds: curve/plain is their median over
     ours without CURVE.
     """
+    from protocol.compression import parse
     from worker.bench import pushpull as bench
     from worker.local_cluster import ClusterError
 
     sizes = list(sizes) or list(DEFAULT_SIZES_BYTES)
     as_usage_error(bench.check_sizes, sizes, tensors, partition_bytes)
+    if wire is not None:
+        as_usage_error(parse, wire)
+        if curve:
+            raise click.UsageError("--wire and --curve are measured in separate runs: give one of them")
     try:
         rows = bench.run(servers, sizes, partition_bytes=partition_bytes, tensors=tensors, repeat=repeat,
-                         min_time_s=min_time, curve=curve)
+                         min_time_s=min_time, curve=curve, wire=wire)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         facts = {"servers": servers, "partition_bytes": partition_bytes, "tensors": tensors, "transport": "tcp"}
         if curve:
             facts["curve"] = True
+        if wire:
+            facts["wire"] = wire
         click.echo(json.dumps({**facts, "results": rows}))
         return
     click.echo(bench.describe(servers, partition_bytes, tensors, curve))

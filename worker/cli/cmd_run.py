@@ -9,6 +9,13 @@ with its cluster). Its workers are workers like any other:
 they read a job's idx:/npz: data only under the `--data-root` directories
 given here (or PSCLUSTER_DATA_ROOTS, which they inherit); see
 worker/data/roots.py.
+
+Each worker gets `--threads-per-worker` BLAS threads, by default this
+machine's cores divided among the workers (worker/local_cluster.py,
+`worker_threads`); the shards and the scheduler keep one. The servers'
+and the scheduler's limits (`--max-message-bytes`, `--max-table-bytes`,
+`--max-model-bytes`) are passed to them as given, and left at their own
+defaults otherwise (ps/cli/cmd_server.py, ps/cli/cmd_scheduler.py).
 """
 from __future__ import annotations
 
@@ -20,10 +27,22 @@ import uuid
 
 import click
 
+from protocol.endpoints import parse_size
 from protocol.jobstate import JobState
 from worker.cli.cmd_jobs import _call, load_and_check, wait_for
-from worker.cli.common import EXIT_FAILED, Terminated, interrupt_exit_code
+from worker.cli.cmd_worker import threads_option
+from worker.cli.common import EXIT_FAILED, BadInput, Terminated, interrupt_exit_code
 from worker.views.report import job_summary, print_summary
+
+
+def _size_or_none(ctx, param, value):
+    """click callback: a byte count (4096, 4KiB, 1GiB), None when the option is not given (else one sentence)."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise BadInput(f"{param.opts[0]} {exc}") from None
 
 
 @click.command("run")
@@ -44,7 +63,19 @@ from worker.views.report import job_summary, print_summary
 @click.option("--curve", is_flag=True,
               help="Run every daemon with CURVE: fresh keys for each role in the state directory (README.md, "
                    "\"Security\").")
-def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir, data_roots, curve):
+@click.option("--threads-per-worker", "threads", callback=threads_option, default=None, metavar="N",
+              help="BLAS threads of each worker (default: this machine's cores // workers, at least 1; the "
+                   "servers and the scheduler keep 1).")
+@click.option("--max-message-bytes", callback=_size_or_none, default=None, metavar="BYTES",
+              help="Passed to every server: refuse bigger messages (e.g. 1GiB; default: the server's, 512MiB).")
+@click.option("--max-table-bytes", callback=_size_or_none, default=None, metavar="BYTES",
+              help="Passed to every server: parameters and optimizer state it may hold (default: the server's, "
+                   "half of this machine's memory).")
+@click.option("--max-model-bytes", callback=_size_or_none, default=None, metavar="BYTES",
+              help="Passed to the scheduler: refuse jobs whose parameters exceed this (default: the scheduler's, "
+                   "a quarter of this machine's memory).")
+def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir, data_roots, curve, threads,
+        max_message_bytes, max_table_bytes, max_model_bytes):
     """Run JOB_FILE (`-`: standard input) on a local cluster started for it; exits 0 if the job succeeded."""
     from protocol.messages import Submit
     from worker.local_cluster import ClusterError, LocalCluster
@@ -62,7 +93,12 @@ def run(job_file, servers, workers, device, as_json, quiet, plot, state_dir, dat
     try:
         worker_args = ["--device", device, *(arg for root in data_roots for arg in ("--data-root", root))]
         curve_dir = cluster.make_keys(os.path.join(state_dir, "keys")) if curve else None
-        addr, client = cluster.boot(servers, [worker_args] * workers, curve_dir=curve_dir)
+        server_args = [arg for name, value in (("--max-message-bytes", max_message_bytes),
+                                               ("--max-table-bytes", max_table_bytes)) if value is not None
+                       for arg in (name, str(value))]
+        scheduler_args = ["--max-model-bytes", str(max_model_bytes)] if max_model_bytes is not None else []
+        addr, client = cluster.boot(servers, [worker_args] * workers, curve_dir=curve_dir, threads_per_worker=threads,
+                                    server_args=server_args, scheduler_args=scheduler_args)
         job = _call(client, Submit(spec=spec, submission_id=uuid.uuid4().hex))["job"]
         if not quiet:
             click.echo(f"local cluster: scheduler {addr}{' (CURVE)' if curve else ''}, {servers} server(s), "

@@ -77,9 +77,12 @@ class Dense(Layer):
             init, shape, in_features, out_features, rng, xp=xp, dtype=dtype
         )
         self.params["b"] = xp.zeros(out_features, dtype=dtype)
-        self.grads = {k: xp.zeros_like(v) for k, v in self.params.items()}
+        # zeros, not zeros_like: a large one is mapped untouched, and costs no memory until written
+        # (a worker that sends dW in row blocks never writes it: `backward(defer_w=True)`).
+        self.grads = {k: xp.zeros(v.shape, dtype=v.dtype) for k, v in self.params.items()}
         self.xp = xp
         self._x: Any = None
+        self._dout: Any = None
 
     def forward(self, x: Any, train: bool = True) -> Any:
         self._x = x
@@ -87,9 +90,16 @@ class Dense(Layer):
         out += self.params["b"]
         return out
 
-    def backward(self, dout: Any, *, accumulate: bool = False, need_dx: bool = True) -> Any:
+    def backward(self, dout: Any, *, accumulate: bool = False, need_dx: bool = True,
+                 defer_w: bool = False) -> Any:
+        """Gradients of the last forward. `defer_w`: leave dW uncomputed (grads["W"] untouched)
+        and keep dout, so the caller takes dW in row blocks (`grad_rows`) and sends each as it
+        is made: the worker never holds the whole dW (worker/task.py)."""
         xp, x = self.xp, self._x
-        if accumulate:
+        if defer_w:
+            self._dout = dout
+            xp.sum(dout, axis=0, out=self.grads["b"])
+        elif accumulate:
             self.grads["W"] += xp.matmul(x.T, dout)
             self.grads["b"] += dout.sum(axis=0)
         else:
@@ -99,6 +109,10 @@ class Dense(Layer):
         if not need_dx:
             return None
         return xp.matmul(dout, self.params["W"].T)
+
+    def grad_rows(self, start: int, stop: int) -> Any:
+        """Rows start:stop of dW (a new array) after a `backward(defer_w=True)`."""
+        return self.xp.matmul(self._x[:, start:stop].T, self._dout)
 
 
 class Flatten(Layer):

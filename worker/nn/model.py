@@ -15,6 +15,7 @@ k = 0..K-1; the grads are then the mean over the K micro-batches.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,21 @@ ACTIVATIONS = {
 
 # Stream ids under the job seed: one for weights, one for dropout masks.
 _INIT_STREAM, _DROPOUT_STREAM = 0, 1
+
+
+class RowBlocks:
+    """The dW of a dense layer whose backward was deferred: its rows, made on demand.
+
+    `rows(start, stop)` is a new (stop - start, out) array each call
+    (Dense.grad_rows), valid until the layer's next forward.
+    """
+
+    def __init__(self, layer: Dense) -> None:
+        self.layer = layer
+        self.shape = tuple(layer.params["W"].shape)
+
+    def rows(self, start: int, stop: int) -> Any:
+        return self.layer.grad_rows(start, stop)
 
 
 class Model:
@@ -130,15 +146,33 @@ class Model:
             x = layer.forward(x, train)
         return x
 
-    def backward(self, dlogits: Any, *, accumulate: bool = False) -> None:
-        """Fill `grads` from dloss/dlogits of the last forward (added with accumulate)."""
+    def backward(self, dlogits: Any, *, accumulate: bool = False,
+                 on_layer: Callable[[dict[str, Any]], None] | None = None, defer: bool = False) -> None:
+        """Fill `grads` from dloss/dlogits of the last forward (added with accumulate).
+
+        on_layer: called with each layer's gradients ({model name: array}) as soon as that
+        layer's backward is done, last layer first, while the earlier layers are still to
+        compute: the worker sends them then (communication overlapped with backprop).
+        defer (with on_layer, not accumulate): a dense layer's dW is not computed here;
+        on_layer gets a RowBlocks for it instead, whose rows are made as they are sent, and
+        `grads` keeps no dW at all.
+        """
         dout = dlogits
         first = self._first_learned
+        defer = defer and on_layer is not None and not accumulate
         for i in range(len(self.layers) - 1, first - 1, -1):
-            dout = self.layers[i].backward(dout, accumulate=accumulate, need_dx=i > first)
+            layer = self.layers[i]
+            if defer and isinstance(layer, Dense):
+                dout = layer.backward(dout, need_dx=i > first, defer_w=True)
+                on_layer({f"{layer.name}.W": RowBlocks(layer), f"{layer.name}.b": layer.grads["b"]})
+                continue
+            dout = layer.backward(dout, accumulate=accumulate, need_dx=i > first)
+            if on_layer is not None and layer.grads:
+                on_layer({f"{layer.name}.{key}": g for key, g in layer.grads.items()})
 
     def train_step(
-        self, x: Any, y: Any, *, accumulate: bool = False, scale: float = 1.0
+        self, x: Any, y: Any, *, accumulate: bool = False, scale: float = 1.0,
+        on_layer: Callable[[dict[str, Any]], None] | None = None, defer: bool = False,
     ) -> tuple[float, float]:
         """One forward (train mode) + softmax cross-entropy + backward.
 
@@ -156,7 +190,7 @@ class Model:
         accuracy = float((logits.argmax(axis=1) == y).mean())
         if scale != 1.0:
             dlogits *= scale
-        self.backward(dlogits, accumulate=accumulate)
+        self.backward(dlogits, accumulate=accumulate, on_layer=on_layer, defer=defer)
         return loss, accuracy
 
     def stat_deltas(self) -> dict[str, Any]:
@@ -226,8 +260,8 @@ def build_model(
 
     mlp: [Flatten] -> per hidden width Dense -> [BatchNorm] -> act -> [Dropout]
          -> Dense(num_classes).
-    cnn: per channel count Conv2D(kernel, 'same') -> [BatchNorm] -> act ->
-         MaxPool2D(2), then Flatten and the mlp part.
+    cnn: per channel count Conv2D(kernel, 'same') -> [BatchNorm] -> MaxPool2D(2)
+         -> act, then Flatten and the mlp part.
     One seed gives bit-identical initial weights (drawn on the host) and the
     dropout streams. Raises ValueError (one sentence) for a bad spec (SpecError,
     naming the field) or one the data cannot fit.
@@ -248,9 +282,12 @@ def build_model(
             layers.append(conv)
             if bn:
                 layers.append(BatchNorm(int(channels), xp=xp, dtype=dtype))
-            layers.append(make_act(inplace=True))
+            # Pool, then activate: every activation here is non-decreasing, so
+            # the max of the activated window is the activated max, with the
+            # same winner (hence the same gradient), on a quarter of the values.
             pool = MaxPool2D(POOL_SIZE)
             layers.append(pool)
+            layers.append(make_act(inplace=True))
             shape = pool.output_shape(conv.output_shape(shape))
     if len(shape) != 1:
         layers.append(Flatten())
