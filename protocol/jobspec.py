@@ -465,17 +465,47 @@ PARAM_BYTES = 4
 MIN_CLASSES = 2
 
 
+# The built-in sources' input width and classes, known without loading them
+# (worker/data: the digits are 8x8 images; synthetic's defaults are 32 features
+# and 10 classes, checked against worker/data/synthetic.py by the tests).
+DIGITS_DATA = (64, 10)
+SYNTHETIC_DEFAULTS = (32, 10)
+
+
+def known_data(source: str) -> tuple[int, int] | None:
+    """(input values per example, classes) of a built-in source; None for files (idx:, npz:)."""
+    if source == "sklearn:digits":
+        return DIGITS_DATA
+    if not source.startswith("synthetic:"):
+        return None
+    keys = dict(part.partition("=")[::2] for part in source[len("synthetic:"):].split(",") if "=" in part)
+    try:
+        width = math.prod(int(d) for d in keys["shape"].lower().split("x")) if "shape" in keys \
+            else int(keys.get("features", SYNTHETIC_DEFAULTS[0]))
+        return width, int(keys.get("classes", SYNTHETIC_DEFAULTS[1]))
+    except ValueError:
+        return None  # the worker's parser names the bad key
+
+
 def min_param_bytes(spec: dict) -> int:
     """A lower bound on the bytes of a normalized spec's model, from the spec alone.
 
-    The input size depends on the data, which the scheduler does not load:
-    the bound counts one input feature and two classes, so it never
-    refuses a model that would fit; a model whose hidden layers alone
-    are too large is refused at submit (the worker checks the exact size
-    before it allocates anything).
+    The size depends on the data, which the scheduler does not load: for an
+    MLP on a built-in source (known_data) the bound is the exact size;
+    otherwise it counts one input feature and two classes, so it never
+    refuses a model that would fit. A model over the limit is refused at
+    submit with its size (the worker checks the exact size before it
+    allocates anything).
     """
     model = spec["model"]
     bn = 4 if model["batchnorm"] else 0       # gamma, beta, running mean and variance
+    known = known_data(spec["data"]["source"]) if model["kind"] == "mlp" else None
+    if known is not None:
+        count, width = 0, known[0]
+        for hidden in model["hidden"]:
+            count += width * hidden + hidden + bn * hidden
+            width = hidden
+        return (count + width * known[1] + known[1]) * PARAM_BYTES
     count, width = 0, 1
     if model["kind"] == "cnn":
         k2 = model["kernel"] ** 2

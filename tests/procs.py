@@ -87,3 +87,19 @@ def run_psctl(*args: str, timeout: float = 120.0, env: dict | None = None,
     """Run one psctl command to completion (bounded), capturing its output."""
     return subprocess.run([PSCTL, *args], capture_output=True, text=True, timeout=timeout, env=child_env(env),
                           input=input)
+
+
+def record_started(monkeypatch, module) -> list[int]:
+    """The pids of every child that `module`'s LocalCluster starts, recorded as it starts them
+    (a benchmark's processes, to check afterwards that none is left)."""
+    pids: list[int] = []
+
+    class Recording(module.LocalCluster):
+        def start(self, name, *args, **kwargs):
+            try:
+                return super().start(name, *args, **kwargs)
+            finally:
+                pids.extend(p for p in self.pids if p not in pids)
+
+    monkeypatch.setattr(module, "LocalCluster", Recording)
+    return pids

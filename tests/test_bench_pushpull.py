@@ -156,3 +156,25 @@ def test_floor_server_really_updates_and_echo_stays_plain(tmp_path):
             echo.close()
     finally:
         children.stop()
+
+
+@pytest.mark.parametrize("wire", ["fp16", "topk:0.1"])
+def test_wire_rows_carry_the_ratio_to_float32(started, wire):
+    result = CliRunner().invoke(pushpull, ["--size", "64KiB", "--partition-bytes", "16KiB", "--repeat", "3",
+                                           "--wire", wire, "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["wire"] == wire
+    rows = {r["op"]: r for r in out["results"]}
+    for op in ("push", "push_pull"):
+        row = rows[op]
+        assert row["wire"] == wire.split(":")[0] and row["wire_median_s"] > 0 and row["codec_median_s"] > 0
+        assert row["wire_over_f32"] == pytest.approx(row["wire_median_s"] / row["median_s"])
+    assert "wire_median_s" not in rows["pull"]   # replies are float32 either way: nothing to compare
+    assert not [pid for pid in started if alive(pid)]
+
+
+def test_bad_wire_is_one_sentence(started):
+    result = CliRunner().invoke(pushpull, ["--size", "4KiB", "--wire", "fp8"])
+    assert result.exit_code == 2 and "compression: expected none, fp16 or topk:RATIO" in result.output
+    assert started == []

@@ -17,31 +17,17 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from tests.procs import run_psctl
+from tests.procs import record_started, run_psctl
 from worker.bench import scale as bench
 from worker.cli.cmd_bench_scale import scale
 
 SMALL = ["--params", "2M", "--servers", "2", "--workers", "2", "--steps", "2", "--repeat", "3"]
 
 
-class StartedList(list):
-    """The pids of the children the bench starts."""
-
-
 @pytest.fixture
 def started(monkeypatch):
     """The pids of every child the bench starts, recorded as it starts them."""
-    pids = StartedList()
-
-    class Recording(bench.LocalCluster):
-        def start(self, name, *args, **kwargs):
-            try:
-                return super().start(name, *args, **kwargs)
-            finally:
-                pids.extend(p for p in self.pids if p not in pids)
-
-    monkeypatch.setattr(bench, "LocalCluster", Recording)
-    return pids
+    return record_started(monkeypatch, bench)
 
 
 def alive(pid: int) -> bool:

@@ -17,9 +17,10 @@ from worker.bench.nn import (
     train_step_flops,
 )
 from worker.cli.cmd_bench_nn import nn
-from worker.nn import build_model
+from worker.nn import Conv2D, build_model
 
 ROW_KEYS = {"model", "batch", "examples_per_s", "gflops", "matmul_gflops", "ratio"}
+CONV_KEYS = {"conv_gflops", "conv_matmul_gflops", "conv_ratio"}
 
 
 def test_flop_count_of_the_mlp():
@@ -38,6 +39,7 @@ def test_flop_count_of_the_cnn():
     conv1 = 2 * 16 * 72 * (2 * 14 * 14) * 3
     dense = 2 * 2 * (784 * 64 * 3 + 64 * 10 * 3)
     assert train_step_flops(model) == conv0 + conv1 + dense
+    assert train_step_flops(model, only=Conv2D) == conv0 + conv1
 
 
 def test_run_nn_bench_rows(monkeypatch):
@@ -51,13 +53,20 @@ def test_run_nn_bench_rows(monkeypatch):
         for key in ("examples_per_s", "gflops", "matmul_gflops", "ratio"):
             assert row[key] > 0 and np.isfinite(row[key])
     assert rows[0]["matmul_gflops"] == rows[1]["matmul_gflops"]
+    mlp, cnn = rows
+    assert not CONV_KEYS & mlp.keys()
+    for key in CONV_KEYS:
+        assert cnn[key] > 0 and np.isfinite(cnn[key])
+    assert 0 < cnn["conv_flops_per_step"] < cnn["flops_per_step"]
+    assert isinstance(cnn["conv_threads"], int) and cnn["conv_threads"] >= 1
 
 
 FAKE_ROWS = [
     {"model": "mlp 784-1024-1024-10", "batch": 256, "examples_per_s": 1234.5, "gflops": 50.0,
      "matmul_gflops": 60.0, "ratio": 0.8333, "device": "cpu"},
     {"model": "cnn", "batch": 256, "examples_per_s": 999.0, "gflops": 5.0,
-     "matmul_gflops": 60.0, "ratio": 0.0833, "device": "cpu"},
+     "matmul_gflops": 60.0, "ratio": 0.0833, "device": "cpu",
+     "conv_gflops": 12.5, "conv_matmul_gflops": 50.0, "conv_ratio": 0.25},
 ]
 
 
@@ -80,7 +89,10 @@ def test_cli_table(fake_bench):
     lines = result.output.splitlines()
     assert lines[0] == "device: cpu"
     assert "examples/s" in lines[1] and "matmul GFLOP/s" in lines[1] and "ratio" in lines[1]
+    assert "conv GFLOP/s" in lines[1] and "conv ratio" in lines[1]
     assert "1,234" in lines[2] and "0.83" in lines[2]
+    assert lines[2].split()[-2:] == ["-", "-"]  # the MLP has no convolutions
+    assert lines[3].split()[-2:] == ["12.5", "0.25"]
 
 
 def test_cli_json(fake_bench):

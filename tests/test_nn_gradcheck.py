@@ -95,11 +95,30 @@ def test_dense():
 
 @pytest.mark.parametrize(
     "stride,padding,size",
-    [(1, "same", 5), (1, 0, 5), (2, 1, 6), (2, 0, 7)],
+    [(1, "same", 5), (1, 0, 5), (1, 3, 4), (2, 1, 6), (2, 0, 7)],
 )
 def test_conv2d(stride, padding, size):
     rng = np.random.default_rng(2)
     layer = Conv2D(2, 3, 3, stride=stride, padding=padding, rng=rng, dtype=F64)
+    layer.params["b"][...] = rng.standard_normal(3)
+    check_layer(layer, rng.standard_normal((2, 2, size, size)))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_batch_in_chunks(stride, monkeypatch):
+    monkeypatch.setattr("worker.nn.chunks.CHUNK_BYTES", 1)  # one image per chunk
+    rng = np.random.default_rng(15)
+    layer = Conv2D(2, 2, 3, stride=stride, padding=1, rng=rng, dtype=F64)
+    layer.params["b"][...] = rng.standard_normal(2)
+    check_layer(layer, rng.standard_normal((3, 2, 5, 4)))
+
+
+@pytest.mark.parametrize("size", [6, 7])  # 7: the last output row/column is not pooled
+@pytest.mark.parametrize("phases", [0, 10**6], ids=["grid", "phases"])
+def test_conv2d_pooled(size, phases, monkeypatch):
+    monkeypatch.setattr("worker.nn.conv.PHASES_MAX_PATCH_PER_OUTPUT", phases)
+    rng = np.random.default_rng(16)
+    layer = Conv2D(2, 3, 3, pool=2, rng=rng, dtype=F64)
     layer.params["b"][...] = rng.standard_normal(3)
     check_layer(layer, rng.standard_normal((2, 2, size, size)))
 
@@ -111,9 +130,10 @@ def test_conv2d_1x1():
 
 
 @pytest.mark.parametrize("size", [4, 5])  # 5: the last row/column is dropped
-def test_maxpool(size):
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_maxpool(size, kernel):
     rng = np.random.default_rng(4)
-    check_layer(MaxPool2D(2), distinct_values(rng, (2, 3, size, size)))
+    check_layer(MaxPool2D(kernel), distinct_values(rng, (2, 3, size, size)))
 
 
 def test_maxpool_tie_goes_to_first_maximum():

@@ -253,3 +253,17 @@ def test_a_slice_over_the_message_limit_is_refused_at_submit(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert "partition_bytes: 65,536" in lines[0] and "--max-message-bytes of 65,536" in lines[0], lines
+
+
+@pytest.mark.parametrize("source", ["sklearn:digits", "synthetic:n=50", "synthetic:n=9,features=7,classes=3",
+                                    "synthetic:n=9,shape=1x8x8,classes=4"])
+def test_the_size_refused_at_submit_is_the_models_exact_size(source):
+    """For an MLP on a built-in source the scheduler's bound is the size the worker counts."""
+    from protocol.jobspec import min_param_bytes, validate_job
+    from worker.data import load_dataset
+    from worker.nn.model import count_values
+
+    spec = validate_job({"name": "size", "steps": 1, "model": {"kind": "mlp", "hidden": [33, 17], "batchnorm": True},
+                         "data": {"source": source}})
+    train, _test = load_dataset(spec["data"], seed=0)
+    assert min_param_bytes(spec) == count_values(spec["model"], train.input_shape, train.num_classes) * 4

@@ -307,21 +307,30 @@ class ParamClient:
                policy: dict | None = None, nonlearned: Sequence[str] = (), checkpoint_every: int = 0) -> bool:
         """Create the job's table on every shard from initial values; True if it already existed everywhere.
 
-        The tables are created empty, then the values follow in pieces (`load`), so no message
-        carries more than the piece bound whatever the model's size.
+        A shard whose values fit in one piece gets them with the `create`; any
+        other table is created empty and its values follow in pieces (`load`,
+        which under CURVE only a worker's key may send: in a job the scheduler
+        creates the tables and the initialising worker loads them), so no
+        message carries more than the piece bound whatever the model's size.
         """
         missing = sorted(set(self._tensors) - set(arrays))
         if missing:
             raise ValueError(f"initial value of {missing[0]!r} is missing")
+        per_shard = self._grad_slices(arrays)
+        whole = {k: pieces[0] for k in range(len(self.addrs))
+                 if len(pieces := self._slice_pieces(per_shard.get(k, []))) == 1}
         requests = {
             k: Create(**self._common(k, -1), plan=self.plan.to_wire(), optimizer=optimizer or {},
-                      policy=policy or {}, nonlearned=list(nonlearned), checkpoint_every=checkpoint_every)
+                      policy=policy or {}, nonlearned=list(nonlearned), checkpoint_every=checkpoint_every,
+                      slices=tuple(whole.get(k, ())))
             for k in range(len(self.addrs))
         }
         replies = self._exchange(requests)
         if all(r.body.get("existed") for r in replies.values()):
             return True
-        self.load(arrays, only=[k for k, r in replies.items() if not r.body.get("existed")])
+        later = [k for k, r in replies.items() if not r.body.get("existed") and k not in whole]
+        if later:
+            self.load(arrays, only=later)
         return False
 
     def load(self, arrays: Mapping[str, np.ndarray], *, only: Sequence[int] | None = None) -> None:
@@ -419,11 +428,22 @@ class StepStream:
         self.parts = list(parts)
         self.pull = pull
         self.names = names
+        self.missing: dict[str, int] = {}   # slices of each result tensor not in yet
+        sink = None
         if pull:
             self.wanted = client._wanted(names)
-            self.result, sink = client._results(names, out)
+            self.result, copy = client._results(names, out)
+            self.missing = {name: len(client._sids_of[name]) for name in self.result}
+            where, missing = client._slice, self.missing
+
+            def sink(k: int, reply: Ok) -> None:
+                copy(k, reply)
+                for sl in reply.slices:
+                    s = where.get(sl.sid)
+                    if s is not None and s.name in missing:
+                        missing[s.name] -= 1
         else:
-            self.wanted, self.result, sink = {}, {}, None
+            self.wanted, self.result = {}, {}
         self.flight = client._flight(sink)
         self.base = list(client.versions)  # the versions this step's gradient was computed from
         self.pending: dict[int, list[SliceData]] = {}
@@ -482,8 +502,9 @@ class StepStream:
             self._add(shard, SliceData(sid, block[start - first * width:stop - first * width]))
             self.flight.throttle(self.c.window)
 
-    def finish(self) -> dict[str, np.ndarray]:
-        """Send each shard its last piece (and the pulls of the next step's values); wait for every reply."""
+    def finish(self, *, wait: bool = True) -> dict[str, np.ndarray]:
+        """Send each shard its last piece (and the pulls of the next step's values); wait for every
+        reply, or with `wait` False return at once (then `wait_for` and `wait` take the replies)."""
         c = self.c
         patient = self.clock != -1
         for k in sorted(set(self.pending) | set(self.wanted)):
@@ -497,5 +518,23 @@ class StepStream:
                 self.flight.add(k, Push(**self._head(k), slices=run))
             for sids in pieces:  # after the last piece on the same socket: the shard sees the push first
                 self.flight.add(k, Pull(**c._common(k, next_clock), sids=sids), patient=patient)
+        if wait:
+            self.wait()
+        return self.result
+
+    def wait_for(self, names: Sequence[str]) -> None:
+        """Take replies until every slice of `names` is in its result array (the others may still
+        be on the way: the caller computes with these meanwhile)."""
+        missing = self.missing
+        self.flight.wait(until=lambda: all(missing.get(n, 0) <= 0 for n in names))
+        lacking = [n for n in names if missing.get(n, 0) > 0]
+        if lacking:
+            raise RuntimeError(f"the shards answered without {lacking[0]!r}'s values")
+
+    def wait(self) -> dict[str, np.ndarray]:
+        """Take every reply; the result arrays."""
         self.flight.wait()
+        lacking = [n for n, count in self.missing.items() if count > 0]
+        if lacking:
+            raise RuntimeError(f"the shards answered without {lacking[0]!r}'s values")
         return self.result

@@ -72,7 +72,8 @@ def global_norm(grads: Mapping[str, Any], *, skip=()) -> float:
 
 
 def accumulate_gradients(model, x, y, micro_batches: int, *, accumulate: bool = False,
-                         scale: float = 1.0, on_layer=None, defer: bool = False) -> tuple[float, float]:
+                         scale: float = 1.0, on_layer=None, defer: bool = False,
+                         before_layer=None) -> tuple[float, float]:
     """Fill model.grads with `scale` times the gradient of the whole batch (x, y),
     computed in `micro_batches` consecutive pieces (added to the grads already
     there with `accumulate`); returns the batch's (mean loss, accuracy).
@@ -87,14 +88,16 @@ def accumulate_gradients(model, x, y, micro_batches: int, *, accumulate: bool = 
     if not 1 <= k <= n:
         raise ValueError(f"micro_batches must be in 1..{n} (the batch size), found {micro_batches}")
     if k == 1:
-        return model.train_step(x, y, accumulate=accumulate, scale=scale, on_layer=on_layer, defer=defer)
+        return model.train_step(x, y, accumulate=accumulate, scale=scale, on_layer=on_layer, defer=defer,
+                                before_layer=before_layer)
     loss = acc = 0.0
     edges = [n * i // k for i in range(k + 1)]
     for i in range(k):
         a, b = edges[i], edges[i + 1]
         w = (b - a) / n
         li, ai = model.train_step(x[a:b], y[a:b], accumulate=accumulate or i > 0, scale=w * scale,
-                                  on_layer=on_layer if i == k - 1 else None)
+                                  on_layer=on_layer if i == k - 1 else None,
+                                  before_layer=before_layer if i == 0 else None)
         loss += li * w
         acc += ai * w
     return loss, acc
@@ -143,7 +146,8 @@ class _CheckedRows:
 
 
 def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batches: int, clip_norm: float,
-                    seed: int, xp: Any = np, on_layer=None, defer: bool = False) -> StepResult:
+                    seed: int, xp: Any = np, on_layer=None, defer: bool = False,
+                    before_layer=None) -> StepResult:
     """Gradients of step `step` of every partition in `batches` (partition -> Batches), averaged.
 
     Raises Diverged before returning anything that is not finite. `on_layer`
@@ -153,6 +157,8 @@ def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batch
     the caller sends after this returns then). `defer` (one partition, one
     micro-batch): dense layers' dW go to `on_layer` as RowBlocks, made as
     they are sent, and are not in the result (Model.backward).
+    `before_layer` (Model.forward) is called in the first forward only, and
+    only for models without running statistics (those are copied before it).
     """
     parts = sorted(batches)
     k = len(parts)
@@ -176,7 +182,8 @@ def partitions_step(model, batches: Mapping[int, Any], step: int, *, micro_batch
         hook = None if on_layer is None or clip_norm > 0 or i < k - 1 else _checked(on_layer, step, parts, deferred)
         loss, acc = accumulate_gradients(model, xp.asarray(x), xp.asarray(y), micro_batches,
                                          accumulate=accumulate, scale=1.0 if clip_each else 1.0 / k, on_layer=hook,
-                                         defer=defer and k == 1 and hook is not None)
+                                         defer=defer and k == 1 and hook is not None,
+                                         before_layer=before_layer if i == 0 and not stats else None)
         loss = float(loss)
         if not math.isfinite(loss):
             raise Diverged(f"diverged at step {step} (partition {p}): loss {loss}")

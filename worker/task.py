@@ -88,6 +88,18 @@ class Holding:
     accuracy: float | None = None
 
 
+@dataclass
+class _Pending:
+    """A step whose last pieces are sent and whose next parameters are still arriving."""
+
+    stream: object         # its StepStream (worker/client.py)
+    parts: list[int]
+    result: object         # its StepResult (worker/step.py)
+    t0: float
+    base: list[int]        # the shards' versions its gradient was computed from
+    before: dict = None    # partition -> (step, loss, accuracy) before it was booked
+
+
 class DataCache:
     """Datasets by (source, seed, test_fraction): a worker loads each once.
 
@@ -136,6 +148,9 @@ class Task:
         self.owed: list[int] = list(assignment.steps)
         self.max_stale = 0
         self._fresh = False
+        self._pending: _Pending | None = None   # the step in flight (overlap: worker/task.py, _step)
+        self._model = self._hostarrays = None
+        self._order: list[str] | None = None    # the model's arrays in forward order: pulled in that order
 
     # --- entry ---
 
@@ -168,6 +183,9 @@ class Task:
             log.exception("assignment failed", extra={"job": self.job})
             outcome, event = Outcome("failed", f"{type(exc).__name__}: {exc}"[:400]), "failed"
         finally:
+            self._abandon()  # a step still in flight did not count: its partitions report where they stood
+            # The model goes with the assignment: the daemon holds this Task while it builds the next one.
+            self._model = self._hostarrays = None
             if self.client is not None:
                 self.client.close()
         self._final_report(event, outcome)
@@ -287,6 +305,7 @@ class Task:
 
     def _read_steps(self, client: ParamClient, host: dict, model) -> None:
         """Where every held partition stands: the least step any shard's clock table gives it."""
+        self._abandon()
         client.pull(clock=-1, out=host)
         steps = client.part_steps()
         missing = [k for k in self.held if k not in steps]
@@ -315,6 +334,8 @@ class Task:
 
     def _boundary(self, client: ParamClient, host: dict, model, train) -> None:
         """Between two steps: report finished partitions, give back what was asked, take on what was given."""
+        if self._must_settle():
+            self._settle()
         finished = [k for k, h in self.held.items() if h.step >= h.owed]
         if finished:
             view = self._report("done", {"parts": self._parts_state(finished)})
@@ -351,6 +372,7 @@ class Task:
         plan = self._plan(model, train)
         client = self._client(plan)
         host = self._host_arrays(model)
+        self._model, self._hostarrays, self._order = model, host, list(host)
         if self.a.init:
             self._initial_values(host)
             client.load(host)  # the scheduler created the tables when it answered the plan
@@ -379,54 +401,111 @@ class Task:
                 self._sync(client, host, model, train)  # given more partitions: the barrier needs them
                 continue
             if 0 in parts and ((step + 1) % eval_every == 0 or step + 1 == self.held[0].owed):
+                self._settle()
                 test_loss, test_acc = evaluate(model, test, xp=self.device.xp)
                 if self.metrics is not None:
                     self.metrics.set("test_accuracy", test_acc, job_id=self.job)
                 self._report("eval", {"step": step + 1, "test_accuracy": test_acc, "test_loss": test_loss})
 
     def _step(self, client: ParamClient, model, host: dict, parts: list[int], step: int) -> None:
-        """Step `step` of `parts`: gradients, one push_pull, the parameters for the next step."""
-        if not self._fresh:
+        """Step `step` of `parts`: gradients pushed as they are made, the parameters for the next step.
+
+        Overlap (the job's `overlap`, on by default; not with clipping, whose
+        scale needs the whole gradient's norm first): each layer's gradient
+        goes out as soon as its backward is done, last layer first, while
+        the earlier layers compute; then the step ends without waiting for
+        the next step's parameters, and the next step's forward waits for
+        each layer's own (`_Pending`), first layer first, while the rest
+        are still on the way.
+        """
+        pending = self._pending
+        if pending is None and not self._fresh:
             client.pull(clock=step, out=host)
             self._load(model, host)
             self._fresh = True
-        t0 = time.perf_counter()
         clip_norm = float(self.spec["optimizer"]["clip_norm"])
-        base = list(client.versions)
-        # Overlap (the job's `overlap`, on by default): each layer's gradient goes out as soon as
-        # its backward is done, last layer first, while the earlier layers compute. Not with
-        # clipping: the shards scale by the whole gradient's norm, known only at the end.
-        stream = None
-        if self.spec.get("overlap", True) and clip_norm <= 0:
-            stream = client.stream(clock=step, norm=-1.0, parts=parts, out=host)
-        self._fresh = False
+        overlap = bool(self.spec.get("overlap", True)) and clip_norm <= 0
+        cpu = self.device.name == "cpu"
+        # The forward may start before the parameters are all in only where it reads them in place.
+        early = overlap and pending is not None and cpu and not model.stats
+        if pending is not None and not early:
+            self._settle()
+        t0 = time.perf_counter()
+        # Time spent waiting for replies while this step computed (not compute: `slowdown` skips it).
+        waited = pending.stream.flight.blocked_s if early else 0.0
+        box: dict = {}
+
+        def send(grads: dict) -> None:
+            if "stream" not in box:  # the backward started: the forward read every parameter
+                self._settle()
+                box["base"] = list(client.versions)
+                box["stream"] = client.stream(clock=step, norm=-1.0, parts=parts, out=host, names=self._order)
+            box["stream"].send(self._host(grads))
+
         result = partitions_step(model, {k: self.held[k].batches for k in parts}, step,
                                  micro_batches=int(self.spec["data"].get("micro_batches", 1)),
                                  clip_norm=clip_norm, seed=int(self.spec["seed"]), xp=self.device.xp,
-                                 on_layer=None if stream is None else lambda g: stream.send(self._host(g)),
-                                 defer=self.device.name == "cpu")
+                                 on_layer=send if overlap else None, defer=cpu,
+                                 before_layer=pending.stream.wait_for if early else None)
+        self._settle()
         if self.slowdown > 1.0:
             # Experiments only: this worker computes `slowdown` times slower
             # (a straggler). The round trip is not scaled: it may hold time
             # a policy made us wait, and slowed workers waiting on each other
             # would compound step after step.
-            time.sleep((time.perf_counter() - t0) * (self.slowdown - 1.0))
+            waited = (pending.stream.flight.blocked_s - waited if early else 0.0) + (
+                box["stream"].flight.blocked_s if "stream" in box else 0.0)
+            time.sleep(max(0.0, time.perf_counter() - t0 - waited) * (self.slowdown - 1.0))
+        stream = box.get("stream")
+        base = box.get("base") or list(client.versions)
         if stream is None:
-            stream = client.stream(clock=step, norm=result.norm, parts=parts, out=host)
+            stream = client.stream(clock=step, norm=result.norm, parts=parts, out=host, names=self._order)
         grads = {**result.grads, **result.deltas}
         stream.send(self._host({k: v for k, v in grads.items() if k not in stream.sent}))
-        stream.finish()
+        self._fresh = False
+        stream.finish(wait=False)
+        before = {}
+        for k in parts:  # booked now (the next step's number); undone if the step never counts
+            h = self.held[k]
+            before[k] = (h.step, h.loss, h.accuracy)
+            h.step, h.loss, h.accuracy = step + 1, result.losses[k], result.accuracies[k]
+        self._pending = _Pending(stream, parts, result, t0, base, before)
+        if not overlap:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Take every reply of the step in flight: the parameters are the next step's, and the step counts."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        client = self.client
+        pending.stream.wait()
         self._fresh = True
         # Replies carry the version they reflect: the updates that landed
         # between the pull this gradient came from and its own update.
-        stale = max(0, max(after - before - 1 for before, after in zip(base, client.versions)))
+        stale = max(0, max(after - before - 1 for before, after in zip(pending.base, client.versions)))
         self.max_stale = max(self.max_stale, stale)
-        self._load(model, host)
-        for k in parts:
-            h = self.held[k]
-            h.step, h.loss, h.accuracy = step + 1, result.losses[k], result.accuracies[k]
+        self._load(self._model, self._hostarrays)
         self.heartbeat.report(self.job, {"parts": self._parts_state()})
-        self._observe(time.perf_counter() - t0, result.examples, result, stale)
+        self._observe(time.perf_counter() - pending.t0, pending.result.examples, pending.result, stale)
+
+    def _abandon(self) -> None:
+        """The step in flight will not be waited for (an error, a re-read): its booking is undone."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            for k, (step, loss, acc) in pending.before.items():
+                if k in self.held:
+                    self.held[k].step, self.held[k].loss, self.held[k].accuracy = step, loss, acc
+
+    def _must_settle(self) -> bool:
+        """Whether the boundary acts on this worker's partitions (then the step in flight must count first)."""
+        if self._pending is None:
+            return False
+        if any(h.step >= h.owed for h in self.held.values()) or self.heartbeat.stop_requested.is_set():
+            return True
+        view = self.heartbeat.view(self.job)
+        return view is not None and view.get("epoch", 0) >= self.epoch and bool(
+            view.get("release") or view.get("stop") or set(view.get("partitions") or ()) - set(self.held))
 
     def _host(self, arrays: dict) -> dict:
         """Gradients as the client sends them: host arrays (copied off a GPU)."""

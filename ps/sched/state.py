@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from protocol.assignment import EVAL, TRAIN, Assignment
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.jobspec import SpecError, min_param_bytes, validate_job
+from protocol.jobspec import SpecError, known_data, min_param_bytes, validate_job
 from protocol.jobstate import FINAL_STATES
 from protocol.keys import Identity
 from protocol.messages import Checkpoint, Error, Membership, Ok
@@ -406,9 +406,10 @@ class SchedulerState(Placement, Reports, Views, Checkpoints):
             raise ProtocolError(ErrorCode.BAD_SPEC, str(exc), rid=msg.rid) from None
         least = min_param_bytes(spec)
         if self.max_model_bytes and least > self.max_model_bytes:
-            raise ProtocolError(ErrorCode.BAD_SPEC, f"model: its parameters need at least {least:,} bytes, over "
-                                f"this scheduler's limit of {self.max_model_bytes:,} (--max-model-bytes)",
-                                rid=msg.rid)
+            exact = spec["model"]["kind"] == "mlp" and known_data(spec["data"]["source"]) is not None
+            raise ProtocolError(ErrorCode.BAD_SPEC, f"model: its parameters {'take' if exact else 'need at least'} "
+                                f"{least:,} bytes, over this scheduler's limit of {self.max_model_bytes:,} "
+                                "(--max-model-bytes)", rid=msg.rid)
         limit = self._message_limit([peer.addr for peer in self.servers.values()], by_id=False)
         if limit and spec["partition_bytes"] > limit - limit // 4:  # worker/client.py, piece_bound
             raise ProtocolError(ErrorCode.BAD_SPEC, f"partition_bytes: {spec['partition_bytes']:,} is more than a "

@@ -85,6 +85,7 @@ CURVE_COLUMNS = (  # added with --curve
 WIRE_COLUMNS = (  # added with --wire fp16 (or topk:R): the same calls with the job's compression
     ("wire ms", "wire_median_s", "ms"),
     ("wire/f32", "wire_over_f32", "{:.2f}"),
+    ("codec ms", "codec_median_s", "ms"),
 )
 
 
@@ -169,13 +170,16 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, cur
         "pull": lambda: wire_client.pull(out=outs),
         "push_pull": lambda: wire_client.push_pull(grads, out=outs),
     }
+    # The numpy work the compression adds, alone: the worker's encoding and the shard's decoding
+    # of every slice (protocol/compression.py), timed in the same rounds.
+    codec = None if wire_client is None else functools.partial(_codec_call, wire_client.compressor, plan, grads)
     moved = {"push": size, "pull": size, "push_pull": 2 * size}  # payload bytes sent + received
     rows = []
     for op in OPS:
-        fns = [ours[op], raw[op], floor[op]] + ([wire[op]] if wire is not None else []) \
+        fns = [ours[op], raw[op], floor[op]] + ([wire[op], codec] if wire is not None and op != "pull" else []) \
             + ([curve[op]] if curve is not None else [])
         t_ours, t_raw, t_floor, *t_more = _timed_rounds(fns, repeat=repeat, min_time_s=min_time_s)
-        t_wire = [t_more.pop(0)] if wire is not None else []
+        t_wire = [t_more.pop(0), t_more.pop(0)] if wire is not None and op != "pull" else []
         t_curve = t_more
         median, p90 = _quantiles(t_ours)
         raw_median, raw_p90 = _quantiles(t_raw)
@@ -192,7 +196,7 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, cur
         if t_wire:
             wire_median, _wire_p90 = _quantiles(t_wire[0])
             rows[-1].update({"wire": wire_client.compressor.kind, "wire_median_s": wire_median,
-                             "wire_over_f32": wire_median / median})
+                             "wire_over_f32": wire_median / median, "codec_median_s": _quantiles(t_wire[1])[0]})
         if t_curve:
             curve_median, curve_p90 = _quantiles(t_curve[0])
             rows[-1].update({
@@ -201,6 +205,19 @@ def bench_size(client, echo, plan, *, repeat: int | None, min_time_s: float, cur
                 "curve_over_plain": curve_median / median,
             })
     return rows
+
+
+def _codec_call(compressor, plan, grads: dict) -> None:
+    """Encode every gradient slice as the client does and decode it as the shard does."""
+    from protocol.compression import Compressor, wire_slices
+    from protocol.messages import SliceData
+
+    scratch = Compressor(f"{compressor.kind}:{compressor.ratio}" if compressor.kind == "topk" else compressor.kind)
+    for k in range(plan.num_shards):
+        held = {s.sid: s for s in plan.slices_on(k)}
+        frames = [f for s in held.values()
+                  for f in scratch.encode(SliceData(s.sid, grads[s.name].reshape(-1)[s.start:s.stop]))]
+        wire_slices(tuple(frames), held, scratch.coding)
 
 
 def _raw_sends(frames: dict[int, list], *, update: bool) -> dict[str, dict[int, list]]:
@@ -339,6 +356,8 @@ def human_size(nbytes: int) -> str:
 
 
 def _cell(row: dict, key: str, fmt: str | None) -> str:
+    if key not in row:
+        return "-"  # a figure this op has not (pull with --wire: replies are float32 either way)
     if fmt is None:
         return human_size(row[key])
     if fmt == "ms":

@@ -129,12 +129,13 @@ def job_spec(params: int, *, workers: int, steps: int, batch_size: int, policy: 
 def memory_estimate(params: int, *, servers: int, workers: int) -> int:
     """Bytes this machine needs at least, all processes together (a rough floor, for a warning).
 
-    Shards: the job's table and the push_pull table, each 3x the model
-    (Adam); workers: parameters, gradients and the pulled copy; this
-    process: the gradients and the replies of its push_pull.
+    Shards: the job's table, then the push_pull table, each 3x the model
+    (Adam); workers: parameters and a little more (dense gradients go out
+    in row blocks: worker/task.py); this process: the gradients and the
+    replies of its push_pull.
     """
     model = params * PARAM_BYTES
-    return model * (2 * ADAM_COPIES + 3 * workers + 2)
+    return model * (ADAM_COPIES + 2 * workers + 2)
 
 
 def available_bytes() -> int | None:
@@ -276,7 +277,7 @@ def run(params: int, *, servers: int, workers: int, steps: int, batch_size: int,
     the job does not succeed in time, ShardError/ShardTimeout when the
     push_pull timing fails.
     """
-    from protocol.messages import Export, Submit
+    from protocol.messages import Drop, Export, Submit
     from protocol.plan import Plan
     from worker.client import ParamClient
 
@@ -311,7 +312,10 @@ def run(params: int, *, servers: int, workers: int, steps: int, batch_size: int,
         with ParamClient(export["shards"], plan, job=job, worker="bench-scale-observer", timeout_s=REQUEST_TIMEOUT_S,
                          retries=1) as observer:
             shard_stats = observer.stats()
-        processes = measure_processes(cluster, shard_stats, job, model_bytes)  # before the push_pull table exists
+            processes = measure_processes(cluster, shard_stats, job, model_bytes)  # before the push_pull table
+            # The measured job's tables go before the push_pull table comes: the shards hold one model's
+            # Adam table at a time, not two (a 500M model is 6 GB of tables over the shards).
+            observer._exchange({k: Drop(**observer._common(k, -1)) for k in range(plan.num_shards)})
         push_pull = time_push_pull(export["shards"], echo_addrs, plan, job=f"{job}-pushpull", repeat=repeat)
         train_s = float(result.get("train_s") or 0.0)
         examples = int(result.get("examples") or 0)

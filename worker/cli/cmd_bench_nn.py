@@ -16,12 +16,14 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @click.option("--min-time", type=click.FloatRange(min=0, min_open=True), default=1.0,
               show_default=True, metavar="SECONDS",
-              help="Timed seconds per measured figure (three figures, plus warm-up).")
+              help="Timed seconds per measured figure (five figures, plus warm-up).")
 def nn(device: str, as_json: bool, min_time: float) -> None:
     """Time forward+backward of an MLP and a CNN against raw matmul speed.
 
-    ratio = achieved GFLOP/s of a train_step (its matmul FLOPs) over the
-    GFLOP/s of the same MLP matmuls run alone; 1.0 means no overhead.
+    ratio = achieved GFLOP/s of a train_step (its matmul and convolution
+    FLOPs) over the GFLOP/s of the same MLP matmuls run alone; 1.0 means no
+    overhead. conv ratio = GFLOP/s of the CNN's convolution layers alone
+    (forward and backward) over a square matmul of the same FLOPs.
     """
     # Lazy: ps must stay importable without worker.
     from worker.bench.nn import format_table, run_nn_bench

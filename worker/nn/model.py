@@ -139,10 +139,17 @@ class Model:
 
     # ---- passes ---------------------------------------------------------------
 
-    def forward(self, x: Any, train: bool) -> Any:
-        """Return the logits (N, num_classes) of `x` (N, *input_shape)."""
+    def forward(self, x: Any, train: bool, *,
+                before_layer: Callable[[list[str]], None] | None = None) -> Any:
+        """Return the logits (N, num_classes) of `x` (N, *input_shape).
+
+        before_layer: called with a layer's array names before its forward (a
+        worker waits there for just those parameters of the step to arrive).
+        """
         x = self._check_x(x)
         for layer in self.layers:
+            if before_layer is not None and (layer.params or layer.stats):
+                before_layer([f"{layer.name}.{key}" for key in (*layer.params, *layer.stats)])
             x = layer.forward(x, train)
         return x
 
@@ -173,6 +180,7 @@ class Model:
     def train_step(
         self, x: Any, y: Any, *, accumulate: bool = False, scale: float = 1.0,
         on_layer: Callable[[dict[str, Any]], None] | None = None, defer: bool = False,
+        before_layer: Callable[[list[str]], None] | None = None,
     ) -> tuple[float, float]:
         """One forward (train mode) + softmax cross-entropy + backward.
 
@@ -185,7 +193,7 @@ class Model:
         x, y = self._check_x(x), self._check_y(y, x)
         if not accumulate or self._stats_before is None:
             self._snapshot_stats()
-        logits = self.forward(x, train=True)
+        logits = self.forward(x, train=True, before_layer=before_layer)
         loss, dlogits = softmax_cross_entropy(logits, y)
         accuracy = float((logits.argmax(axis=1) == y).mean())
         if scale != 1.0:
@@ -261,7 +269,8 @@ def build_model(
     mlp: [Flatten] -> per hidden width Dense -> [BatchNorm] -> act -> [Dropout]
          -> Dense(num_classes).
     cnn: per channel count Conv2D(kernel, 'same') -> [BatchNorm] -> MaxPool2D(2)
-         -> act, then Flatten and the mlp part.
+         -> act, then Flatten and the mlp part; without BatchNorm the pool is
+         Conv2D's own (pool=2).
     One seed gives bit-identical initial weights (drawn on the host) and the
     dropout streams. Raises ValueError (one sentence) for a bad spec (SpecError,
     naming the field) or one the data cannot fit.
@@ -277,18 +286,22 @@ def build_model(
     if spec["kind"] == "cnn":
         kernel = int(spec["kernel"])
         for channels in spec["channels"]:
-            conv = Conv2D(shape[0], int(channels), kernel, padding="same", init=init,
-                          rng=init_rng, xp=xp, dtype=dtype)
+            # Pool, then activate: every activation here is non-decreasing, so
+            # the max of the activated window is the activated max, and the
+            # gradient is the same (a different winner only where the
+            # activation is flat), on a quarter of the values. Without
+            # BatchNorm between them the convolution pools its own output.
+            conv = Conv2D(shape[0], int(channels), kernel, padding="same",
+                          pool=None if bn else POOL_SIZE, init=init, rng=init_rng,
+                          xp=xp, dtype=dtype)
             layers.append(conv)
+            shape = conv.output_shape(shape)
             if bn:
                 layers.append(BatchNorm(int(channels), xp=xp, dtype=dtype))
-            # Pool, then activate: every activation here is non-decreasing, so
-            # the max of the activated window is the activated max, with the
-            # same winner (hence the same gradient), on a quarter of the values.
-            pool = MaxPool2D(POOL_SIZE)
-            layers.append(pool)
+                pool = MaxPool2D(POOL_SIZE)
+                layers.append(pool)
+                shape = pool.output_shape(shape)
             layers.append(make_act(inplace=True))
-            shape = pool.output_shape(conv.output_shape(shape))
     if len(shape) != 1:
         layers.append(Flatten())
     width = math.prod(shape)
