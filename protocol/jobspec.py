@@ -249,7 +249,7 @@ MODEL = {
     "dropout": Field(_num(0, 1, hi_open=True), 0.0, "after each hidden dense layer"),
     "batchnorm": Field(_bool, False, "after each hidden dense (and conv) layer, before the activation"),
     "init": Field(_choice(INITS), "he", "initial weights"),
-    "channels": Field(_int_list, [8, 16], "cnn: conv3x3 'same' -> [bn] -> act -> maxpool2, per stage"),
+    "channels": Field(_int_list, [8, 16], "cnn: conv3x3 'same' -> [bn] -> maxpool2 -> act, per stage"),
     "kernel": Field(_int(1, 15), 3, "cnn: odd kernel size"),  # odd for a cnn (below)
 }
 
