@@ -33,6 +33,10 @@ PARTITIONS = 3
 # every step goes at the pace of its slowest holder.
 SLOW = ("--slowdown", "100")
 HEARTBEAT_TIMEOUT = "2"
+# The shards take messages of at most 4 KiB: the BSP job's 2 KiB slices (a share of about 5 KB a
+# shard) go in several pieces, so its steps go out layer by layer and the next forward waits per
+# layer (the job's `overlap`, worker/task.py), through joins, kills and reassignments.
+MESSAGE_LIMIT = "4KiB"
 # Relative difference per tensor allowed between two BSP runs of one job:
 # float32 sums taken in another order, over STEPS steps (measured: 1e-7 to 5e-7).
 TOLERANCE = 1e-5
@@ -47,11 +51,13 @@ def bsp_job(tmp_path, optimizer: str) -> str:
                     optimizer=OPTIMIZERS[optimizer], consistency={"policy": "bsp"})
 
 
-def cluster(procs, tmp_path, *, shards: int = 2) -> str:
+def cluster(procs, tmp_path, *, shards: int = 2, pieces: bool = False) -> str:
+    """A scheduler and `shards` servers; with `pieces`, servers that take at most MESSAGE_LIMIT."""
     sched = procs.start("scheduler", "--state-dir", str(tmp_path / "s"), "--heartbeat-timeout", HEARTBEAT_TIMEOUT)
     addr = sched.ready["addr"]
+    limit = ("--max-message-bytes", MESSAGE_LIMIT) if pieces else ()
     for k in range(shards):
-        procs.server(k, "--scheduler", addr)
+        procs.server(k, "--scheduler", addr, *limit)
     wait_until(lambda: len(status(addr)["servers"]) == shards, what="the shards registered")
     return addr
 
@@ -103,7 +109,7 @@ def references(tmp_path_factory):
     try:
         for opt in OPTIMIZERS:
             tmp = tmp_path_factory.mktemp(f"ref-{opt}")
-            addr = cluster(group, tmp)
+            addr = cluster(group, tmp, pieces=True)
             workers(group, addr, PARTITIONS)
             job = psctl_json("submit", bsp_job(tmp, opt), "--scheduler", addr)["job"]
             body = finished(addr, job)
@@ -117,7 +123,7 @@ def references(tmp_path_factory):
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_bsp_with_workers_joining_mid_job_equals_three_waiting_workers(procs, tmp_path, references, opt):
-    addr = cluster(procs, tmp_path)
+    addr = cluster(procs, tmp_path, pieces=True)
     workers(procs, addr, 1, *SLOW)
     job = psctl_json("submit", bsp_job(tmp_path, opt), "--scheduler", addr)["job"]
     wait_until(lambda: status(addr, job)["progress"].get("steps_done", 0) >= PARTITIONS * 5,
@@ -138,7 +144,7 @@ def test_bsp_with_workers_joining_mid_job_equals_three_waiting_workers(procs, tm
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_bsp_with_two_workers_for_three_partitions_equals_three_workers(procs, tmp_path, references, opt):
-    addr = cluster(procs, tmp_path)
+    addr = cluster(procs, tmp_path, pieces=True)
     workers(procs, addr, 2)
     job = psctl_json("submit", bsp_job(tmp_path, opt), "--scheduler", addr)["job"]
     body = finished(addr, job)
@@ -149,9 +155,10 @@ def test_bsp_with_two_workers_for_three_partitions_equals_three_workers(procs, t
 
 
 def test_bsp_without_overlap_equals_the_jobs_with_it(procs, tmp_path, references):
-    """The references ran with overlap (the default: gradients sent layer by layer, the next step's
-    forward waiting per layer); the same job with `overlap: false` sends after the whole backward."""
-    addr = cluster(procs, tmp_path)
+    """The references ran with overlap (the default, with pieces under MESSAGE_LIMIT: gradients sent
+    layer by layer, the next step's forward waiting per layer); the same job with `overlap: false`
+    sends after the whole backward."""
+    addr = cluster(procs, tmp_path, pieces=True)
     workers(procs, addr, PARTITIONS)
     path = bsp_job(tmp_path, "sgd")
     spec = yaml.safe_load(open(path))
@@ -166,7 +173,7 @@ def test_bsp_without_overlap_equals_the_jobs_with_it(procs, tmp_path, references
 
 @pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
 def test_bsp_with_a_worker_killed_and_no_spare_equals_three_workers(procs, tmp_path, references, opt):
-    addr = cluster(procs, tmp_path)
+    addr = cluster(procs, tmp_path, pieces=True)
     started = workers(procs, addr, PARTITIONS, *SLOW)
     job = psctl_json("submit", bsp_job(tmp_path, opt), "--scheduler", addr)["job"]
     wait_until(lambda: status(addr, job)["progress"].get("workers") == PARTITIONS, what="three workers training")

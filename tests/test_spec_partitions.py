@@ -100,9 +100,12 @@ def test_min_param_bytes_of_a_huge_mlp_is_huge():
 
 
 def test_min_param_bytes_of_a_tiny_mlp_is_exact_for_one_feature_two_classes():
-    # one input feature, hidden 3, two classes: (1*3 + 3) + (3*2 + 2) = 14 values
-    spec = job(model={"kind": "mlp", "hidden": [3]})
+    # data the scheduler cannot see (a file): one input feature, hidden 3, two classes:
+    # (1*3 + 3) + (3*2 + 2) = 14 values
+    spec = job(model={"kind": "mlp", "hidden": [3]}, data={"source": "npz:/data/x.npz"})
     assert min_param_bytes(spec) == 14 * 4
+    # on digits (64 inputs, 10 classes: known without loading them) the size itself
+    assert min_param_bytes(job(model={"kind": "mlp", "hidden": [3]})) == (64 * 3 + 3 + 3 * 10 + 10) * 4
 
 
 MLP_MODELS = [

@@ -158,6 +158,10 @@ class ParamClient:
         for k, pieces in self._all_pieces.items():
             if len(pieces) == 1:
                 self._all_pieces[k] = [[]]
+        self._wanted_by: dict[tuple, dict[int, list[list[int]]]] = {}
+        # Whether any shard's share takes more than one piece: only then can a step's
+        # gradient go out in early pieces while the rest is computed (worker/task.py).
+        self.in_pieces = any(len(p) > 1 for p in self._all_pieces.values())
 
     # --- sockets ---
 
@@ -245,9 +249,17 @@ class ParamClient:
         return per_shard
 
     def _wanted(self, names: Sequence[str] | None) -> dict[int, list[list[int]]]:
-        """Slice ids to ask each shard for, in pieces under the bound; [[]] means all it holds (it fits one)."""
+        """Slice ids to ask each shard for, in pieces under the bound; [[]] means all it holds (it fits one).
+        The same names ask the same way every step: the answer is kept (callers copy before changing it)."""
         if names is None:
             return {k: self._all_pieces[k] for k in self._all_shards}
+        key = tuple(names)
+        known = self._wanted_by.get(key)
+        if known is None:
+            known = self._wanted_by[key] = self._cut_wanted(names)
+        return known
+
+    def _cut_wanted(self, names: Sequence[str]) -> dict[int, list[list[int]]]:
         per_shard: dict[int, list[int]] = {}
         for name in names:
             if name not in self._tensors:
@@ -428,20 +440,22 @@ class StepStream:
         self.parts = list(parts)
         self.pull = pull
         self.names = names
-        self.missing: dict[str, int] = {}   # slices of each result tensor not in yet
+        self.missing: dict[str, int] = {}   # slices of each result tensor not in yet (names given)
         sink = None
         if pull:
             self.wanted = client._wanted(names)
-            self.result, copy = client._results(names, out)
-            self.missing = {name: len(client._sids_of[name]) for name in self.result}
-            where, missing = client._slice, self.missing
+            self.result, sink = client._results(names, out)
+            if names is not None:   # counted only for `wait_for`, which takes names
+                copy = sink
+                self.missing = {name: len(client._sids_of[name]) for name in self.result}
+                where, missing = client._slice, self.missing
 
-            def sink(k: int, reply: Ok) -> None:
-                copy(k, reply)
-                for sl in reply.slices:
-                    s = where.get(sl.sid)
-                    if s is not None and s.name in missing:
-                        missing[s.name] -= 1
+                def sink(k: int, reply: Ok) -> None:
+                    copy(k, reply)
+                    for sl in reply.slices:
+                        s = where.get(sl.sid)
+                        if s is not None and s.name in missing:
+                            missing[s.name] -= 1
         else:
             self.wanted, self.result = {}, {}
         self.flight = client._flight(sink)
@@ -474,19 +488,25 @@ class StepStream:
         for name, source in grads.items():
             if name not in arrays:
                 self._send_rows(name, source)
-        self.flight.pump(block=False)
+        if self.flight.busy():  # replies of early pieces may be in: take them (no wait)
+            self.flight.pump(block=False)
 
     def _add(self, k: int, sl: SliceData) -> None:
         """One gradient slice into shard k's run; a full run goes out as an early piece."""
-        frames = self.c.compressor.encode(sl)   # one frame, or top-k's pair: never cut apart
-        size = sum(f.data.nbytes for f in frames)
-        run = self.pending.setdefault(k, [])
-        if run and self.pending_bytes.get(k, 0) + size > self.c.piece_bytes:
+        c = self.c
+        # one frame, or top-k's pair: never cut apart (float32 as it is: no call on the common path)
+        frames = (sl,) if c.compressor.kind == "none" else c.compressor.encode(sl)
+        size = sl.data.nbytes if len(frames) == 1 and frames[0] is sl else sum(f.data.nbytes for f in frames)
+        run = self.pending.get(k)
+        if run is None:
+            run = self.pending[k] = []
+        total = self.pending_bytes.get(k, 0)
+        if run and total + size > c.piece_bytes:
             self.flight.add(k, Push(**self._head(k), more=True, slices=tuple(run)))
             run = self.pending[k] = []
-            self.pending_bytes[k] = 0
+            total = 0
         run.extend(frames)
-        self.pending_bytes[k] = self.pending_bytes.get(k, 0) + size
+        self.pending_bytes[k] = total + size
 
     def _send_rows(self, name: str, source) -> None:
         c = self.c
@@ -524,7 +544,8 @@ class StepStream:
 
     def wait_for(self, names: Sequence[str]) -> None:
         """Take replies until every slice of `names` is in its result array (the others may still
-        be on the way: the caller computes with these meanwhile)."""
+        be on the way: the caller computes with these meanwhile). The stream must have been
+        made with `names`."""
         missing = self.missing
         self.flight.wait(until=lambda: all(missing.get(n, 0) <= 0 for n in names))
         lacking = [n for n in names if missing.get(n, 0) > 0]

@@ -411,7 +411,9 @@ class Task:
         """Step `step` of `parts`: gradients pushed as they are made, the parameters for the next step.
 
         Overlap (the job's `overlap`, on by default; not with clipping, whose
-        scale needs the whole gradient's norm first): each layer's gradient
+        scale needs the whole gradient's norm first; and only where a shard's
+        share takes more than one message, else there is nothing to send
+        early and the hooks would only cost time): each layer's gradient
         goes out as soon as its backward is done, last layer first, while
         the earlier layers compute; then the step ends without waiting for
         the next step's parameters, and the next step's forward waits for
@@ -424,42 +426,47 @@ class Task:
             self._load(model, host)
             self._fresh = True
         clip_norm = float(self.spec["optimizer"]["clip_norm"])
-        overlap = bool(self.spec.get("overlap", True)) and clip_norm <= 0
+        # Nothing to overlap where each shard's share is one message: the step goes out whole.
+        overlap = bool(self.spec.get("overlap", True)) and clip_norm <= 0 and client.in_pieces
         cpu = self.device.name == "cpu"
         # The forward may start before the parameters are all in only where it reads them in place.
         early = overlap and pending is not None and cpu and not model.stats
         if pending is not None and not early:
             self._settle()
         t0 = time.perf_counter()
-        # Time spent waiting for replies while this step computed (not compute: `slowdown` skips it).
-        waited = pending.stream.flight.blocked_s if early else 0.0
-        box: dict = {}
+        box: dict = {"comm": 0.0}  # seconds in the hooks below: communication, which `slowdown` skips
+
+        def wait_for(names: list[str]) -> None:
+            t = time.perf_counter()
+            pending.stream.wait_for(names)
+            box["comm"] += time.perf_counter() - t
 
         def send(grads: dict) -> None:
+            t = time.perf_counter()
             if "stream" not in box:  # the backward started: the forward read every parameter
                 self._settle()
                 box["base"] = list(client.versions)
                 box["stream"] = client.stream(clock=step, norm=-1.0, parts=parts, out=host, names=self._order)
             box["stream"].send(self._host(grads))
+            box["comm"] += time.perf_counter() - t
 
         result = partitions_step(model, {k: self.held[k].batches for k in parts}, step,
                                  micro_batches=int(self.spec["data"].get("micro_batches", 1)),
                                  clip_norm=clip_norm, seed=int(self.spec["seed"]), xp=self.device.xp,
                                  on_layer=send if overlap else None, defer=cpu,
-                                 before_layer=pending.stream.wait_for if early else None)
+                                 before_layer=wait_for if early else None)
         self._settle()
         if self.slowdown > 1.0:
             # Experiments only: this worker computes `slowdown` times slower
             # (a straggler). The round trip is not scaled: it may hold time
             # a policy made us wait, and slowed workers waiting on each other
             # would compound step after step.
-            waited = (pending.stream.flight.blocked_s - waited if early else 0.0) + (
-                box["stream"].flight.blocked_s if "stream" in box else 0.0)
-            time.sleep(max(0.0, time.perf_counter() - t0 - waited) * (self.slowdown - 1.0))
+            time.sleep(max(0.0, time.perf_counter() - t0 - box["comm"]) * (self.slowdown - 1.0))
         stream = box.get("stream")
         base = box.get("base") or list(client.versions)
         if stream is None:
-            stream = client.stream(clock=step, norm=result.norm, parts=parts, out=host, names=self._order)
+            stream = client.stream(clock=step, norm=result.norm, parts=parts, out=host,
+                                   names=self._order if overlap else None)
         grads = {**result.grads, **result.deltas}
         stream.send(self._host({k: v for k, v in grads.items() if k not in stream.sent}))
         self._fresh = False
