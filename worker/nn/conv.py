@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.nn import chunks as chunking
+import worker.nn.chunks as chunking
 from worker.nn.chunks import Scratch, Scratches, zero
 from worker.nn.init import init_weight
 from worker.nn.layers import Layer

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.nn import chunks as chunking
+import worker.nn.chunks as chunking
 from worker.nn.chunks import Scratches
 from worker.nn.layers import Layer, xp_of
 
