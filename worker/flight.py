@@ -103,9 +103,9 @@ class Flight:
         while sum(len(lane.queue) for lane in self.lanes.values()) > queued:
             self.pump(block=True)
 
-    def busy(self, k: int | None = None) -> bool:
-        lanes = self.lanes.values() if k is None else [self.lanes[k]] if k in self.lanes else []
-        return any(lane.flying or lane.queue for lane in lanes)
+    def busy(self) -> bool:
+        """Requests wait to be sent or to be answered."""
+        return any(lane.flying or lane.queue for lane in self.lanes.values())
 
     # --- waiting ---
 

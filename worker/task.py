@@ -97,7 +97,7 @@ class _Pending:
     result: object         # its StepResult (worker/step.py)
     t0: float
     base: list[int]        # the shards' versions its gradient was computed from
-    before: dict = None    # partition -> (step, loss, accuracy) before it was booked
+    before: dict           # partition -> (step, loss, accuracy) before it was booked
 
 
 class DataCache:
